@@ -1,0 +1,28 @@
+# The README's two commands: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PLUGINS := plugins/vad_silero plugins/asr_faster_whisper plugins/registry_redis
+
+.PHONY: serve test install clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	touch $@
+
+# Environment variables (WORKER_PORT, MAX_SESSIONS, REDIS_URL, ...) pass straight through.
+serve: $(STAMP)
+	$(BIN)/engine-host serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,229 @@
+"""``engine-host``: serve | plugins | engines | validate | transcribe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from host import __version__
+from host.settings import ENV, Settings, settings_from
+
+log = logging.getLogger("host")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return args.run(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine-host", description="Plugin-based real-time speech-to-text server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run a worker (WebSocket /session, HTTP /health and /engines)")
+    defaults = Settings(worker_id="-", endpoint="-")
+    for name, (var, help_text) in ENV.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, default=None, type=type(getattr(defaults, name)),
+                       help=f"{help_text} [env {var}, default {getattr(defaults, name) if name not in ('worker_id', 'endpoint') else 'derived'}]")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and the components they register")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_plugins)
+
+    p = sub.add_parser("engines", help="list the engines in an engines directory")
+    p.add_argument("dir", nargs="?", type=Path, default=None, help="default: $ENGINES_DIR or engines.d")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_engines)
+
+    p = sub.add_parser("validate", help="validate engine.yaml files without serving (exit 1 on error)")
+    p.add_argument("dir", nargs="?", type=Path, default=None, help="a directory or one .yaml file")
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("transcribe", help="stream a WAV file to a server and print the transcript")
+    p.add_argument("file", type=Path)
+    p.add_argument("--url", help="ws://host:port of a running worker (default: start one in-process)")
+    p.add_argument("--realtime", action="store_true", help="send audio at real-time pace")
+    p.add_argument("--speed", type=float, default=None, help="send at this multiple of real time")
+    p.add_argument("--engine")
+    p.add_argument("--model")
+    p.add_argument("--language")
+    p.add_argument("--word-timestamps", action="store_true")
+    p.add_argument("--no-vad", action="store_true", help="enable_vad=false: one utterance per flush/end")
+    p.add_argument("--json", action="store_true", help="print the session.end message as JSON")
+    p.add_argument("--engines-dir", type=Path, default=None)
+    p.set_defaults(run=cmd_transcribe)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --- serve ------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    overrides = {name: getattr(args, name) for name in ENV}
+    settings = settings_from(**overrides)
+    setup_logging(settings.log_level)
+    from host.engines import EngineLoadError
+    from host.server import StartupError, run_worker
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    try:
+        asyncio.run(serve())
+    except EngineLoadError as exc:
+        log.error("no engine can be served:\n%s", exc)
+        return 1
+    except (StartupError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - e.g. a model failing to load: one clear line, not a traceback wall
+        from host.models import ComponentError
+
+        if isinstance(exc, ComponentError):
+            log.error("cannot start: %s", exc)
+            return 1
+        raise
+    return 0
+
+
+# --- plugins / engines / validate ----------------------------------------------
+
+
+def cmd_plugins(args) -> int:
+    from host.plugins import load_plugins
+
+    plugins = load_plugins()
+    if args.json:
+        print(json.dumps({
+            "plugins": [{
+                "name": p.name, "distribution": p.distribution, "version": p.version, "hooks": p.hooks,
+                "components": [{"kind": c.kind, "name": c.name} for c in p.components],
+            } for p in plugins.plugins],
+            "errors": [str(e) for e in plugins.errors],
+        }, indent=2))
+    else:
+        for p in plugins.plugins:
+            dist = f"{p.distribution} {p.version}" if p.distribution else "(not from a distribution)"
+            print(f"{p.name}  [{dist}]")
+            print(f"  hooks: {', '.join(p.hooks) or '-'}")
+            for c in p.components:
+                print(f"  {c.kind}: {c.name}")
+        for e in plugins.errors:
+            print(f"ERROR {e}", file=sys.stderr)
+    return 1 if plugins.errors else 0
+
+
+def _engines_dir(arg: Path | None) -> Path:
+    return arg if arg is not None else settings_from(worker_id="-", endpoint="-").engines_dir
+
+
+def cmd_engines(args) -> int:
+    from host.engines import load_engines
+    from host.plugins import load_plugins
+
+    engines, errors = load_engines(_engines_dir(args.dir), load_plugins())
+    if args.json:
+        print(json.dumps([e.describe() for e in engines], indent=2))
+    else:
+        for e in engines:
+            stages = ", ".join(f"{k}={v.plugin}" for k, v in e.pipeline.items())
+            print(f"{e.id}  {e.name} v{e.version}  ({e.file})")
+            print(f"  models: {', '.join(e.models)}; languages: {', '.join(e.languages)}; {stages}")
+    for err in errors:
+        print(f"ERROR {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_validate(args) -> int:
+    from host.engines import load_engine_file, load_engines
+    from host.plugins import load_plugins
+
+    plugins = load_plugins()
+    for err in plugins.errors:
+        print(f"WARNING {err}", file=sys.stderr)
+    target = _engines_dir(args.dir)
+    if target.is_file():
+        spec, errors = load_engine_file(target, plugins)
+        engines = [spec] if spec else []
+    else:
+        engines, errors = load_engines(target, plugins)
+    for e in engines:
+        print(f"ok     {e.file}  ({e.id}: {', '.join(e.models)})")
+    for err in errors:
+        print(f"error  {err}")
+    print(f"{len(engines)} valid, {len(errors)} error(s)")
+    return 1 if errors else 0
+
+
+# --- transcribe ------------------------------------------------------------------
+
+
+def cmd_transcribe(args) -> int:
+    setup_logging("WARNING")
+    from host.client import read_wav, session_url, stream
+
+    audio = read_wav(args.file)
+    speed = args.speed if args.speed else (1.0 if args.realtime else None)
+    params = dict(engine=args.engine, model=args.model, language=args.language,
+                  word_timestamps=args.word_timestamps or None, enable_vad=False if args.no_vad else None,
+                  sample_rate=audio.sample_rate if audio.sample_rate != 16000 else None,
+                  channels=audio.channels if audio.channels != 1 else None)
+
+    def show(message: dict) -> None:
+        if message["type"] == "transcript.final" and not args.json:
+            print(f"[{message['start']:7.2f} - {message['end']:7.2f}] {message['text']}", flush=True)
+        elif message["type"] == "error":
+            print(f"error {message['code']}: {message['message']}", file=sys.stderr)
+
+    async def run() -> int:
+        if args.url:
+            result = await stream(session_url(args.url, **params), audio, speed=speed, on_message=show)
+        else:
+            from host.server import Worker
+
+            settings = settings_from(port=0, host="127.0.0.1", log_level="WARNING",
+                                     engines_dir=args.engines_dir, worker_id="transcribe", endpoint="-")
+            worker = Worker(settings)
+            await worker.start()
+            try:
+                url = session_url(f"ws://127.0.0.1:{worker.port}", **params)
+                result = await stream(url, audio, speed=speed, on_message=show)
+            finally:
+                await worker.shutdown()
+        end = result.end
+        if end is None:
+            print(f"no session.end received (close {result.close_code} {result.close_reason})", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(end, indent=2, ensure_ascii=False))
+        else:
+            print()
+            print(end["transcript"])
+        return 0
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Endpointing: the SILENCE ⇄ SPEECH state machine that turns speech probabilities into utterances.
+
+The host owns it, so every VAD plugin gets the same tested behaviour and only has
+to produce a probability per window. Its options live in the ``vad`` stage's
+``options`` of ``engine.yaml`` next to the plugin's own options.
+
+Positions are session sample indices at 16 kHz.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from host.contracts import SAMPLE_RATE
+
+ENDPOINTING_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "threshold": {
+            "type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+            "description": "Probability at or above which a window counts as speech.",
+        },
+        "neg_threshold": {
+            "type": ["number", "null"], "minimum": 0, "maximum": 1, "default": None,
+            "description": "Probability below which a window counts as silence (default threshold - 0.15).",
+        },
+        "endpoint_silence_s": {
+            "type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 0.5,
+            "description": "Silence that ends an utterance.",
+        },
+        "preroll_s": {
+            "type": "number", "minimum": 0, "maximum": 2, "default": 0.3,
+            "description": "Audio kept before speech onset, so first words are not clipped.",
+        },
+        "postroll_s": {
+            "type": "number", "minimum": 0, "maximum": 1, "default": 0.2,
+            "description": "Audio kept after the last speech window of an utterance.",
+        },
+        "min_speech_s": {
+            "type": "number", "minimum": 0, "maximum": 5, "default": 0.25,
+            "description": "Speech shorter than this is a blip and is dropped.",
+        },
+        "max_utterance_s": {
+            "type": "number", "minimum": 1, "maximum": 60, "default": 30,
+            "description": "Longer speech is cut (at its quietest recent window) and finalized.",
+        },
+    },
+}
+ENDPOINTING_KEYS = frozenset(ENDPOINTING_SCHEMA["properties"])
+
+
+@dataclass(frozen=True)
+class EndpointingOptions:
+    threshold: float = 0.5
+    neg_threshold: float | None = None
+    endpoint_silence_s: float = 0.5
+    preroll_s: float = 0.3
+    postroll_s: float = 0.2
+    min_speech_s: float = 0.25
+    max_utterance_s: float = 30.0
+
+    @classmethod
+    def from_options(cls, options: dict) -> "EndpointingOptions":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names})
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    sample: int
+    """Where the utterance begins (pre-roll included)."""
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    sample: int
+    """Where the utterance ends (exclusive)."""
+    reason: str
+    """``silence``, ``max_length`` or ``flush``."""
+
+
+Event = SpeechStart | SpeechEnd
+
+_SILENCE, _PENDING, _SPEECH = "silence", "pending", "speech"
+_CUT_SEARCH_S = 3.0
+
+
+class Endpointer:
+    """Consumes one probability per window, in order, and emits speech events."""
+
+    def __init__(self, options: EndpointingOptions, window_samples: int):
+        self.options = options
+        self.window = window_samples
+        neg = options.neg_threshold
+        self._neg = max(0.0, options.threshold - 0.15) if neg is None else min(neg, options.threshold)
+        s = SAMPLE_RATE
+        self._endpoint = int(options.endpoint_silence_s * s)
+        self._preroll = int(options.preroll_s * s)
+        self._postroll = int(options.postroll_s * s)
+        self._min_speech = int(options.min_speech_s * s)
+        self._max_len = int(options.max_utterance_s * s)
+        self.position = 0
+        """Samples consumed so far."""
+        self._state = _SILENCE
+        self._floor = 0  # no utterance may start before the end of the previous one
+        self._onset = 0
+        self._speech_samples = 0
+        self._silence_run = 0
+        self._last_speech_end = 0
+        self._start = 0
+        self._recent: list[tuple[int, float]] = []  # (window start, prob) of the open utterance
+
+    @property
+    def in_speech(self) -> bool:
+        """True while an utterance is open (speech_start was emitted)."""
+        return self._state == _SPEECH
+
+    @property
+    def utterance_start(self) -> int | None:
+        return self._start if self._state == _SPEECH else None
+
+    def earliest_needed_sample(self) -> int:
+        """Audio before this sample can never become part of an utterance and may be dropped."""
+        if self._state == _SPEECH:
+            return self._start
+        if self._state == _PENDING:
+            return max(self._floor, self._onset - self._preroll)
+        return max(self._floor, self.position - self._preroll)
+
+    def push(self, probability: float) -> list[Event]:
+        """Advance by one window with the given speech probability."""
+        pos = self.position
+        end = pos + self.window
+        self.position = end
+        p = float(probability)
+        events: list[Event] = []
+        if self._state == _SILENCE:
+            if p >= self.options.threshold:
+                self._state = _PENDING
+                self._onset = pos
+                self._speech_samples = self.window
+                self._silence_run = 0
+                self._last_speech_end = end
+                self._maybe_confirm(events)
+        elif self._state == _PENDING:
+            self._track(p, end)
+            if self._silence_run >= self._endpoint:
+                self._state = _SILENCE  # a blip shorter than min_speech_s
+            else:
+                self._maybe_confirm(events)
+        else:
+            self._recent.append((pos, p))
+            self._track(p, end)
+            if self._silence_run >= self._endpoint:
+                events.append(self._close(min(self._last_speech_end + self._postroll, end), "silence"))
+            elif end - self._start >= self._max_len:
+                cut = self._cut_point(end)
+                kept = [(s, q) for s, q in self._recent if s >= cut]
+                events.append(self._close(cut, "max_length"))
+                self._open(cut, events)
+                self._recent = kept
+        return events
+
+    def flush(self, upto: int = 0) -> list[Event]:
+        """Finalize whatever speech is open or pending, as if an endpoint were detected.
+
+        ``upto`` lets the caller include audio it holds beyond the last whole window.
+        """
+        events: list[Event] = []
+        if self._state == _PENDING:
+            self._open(max(self._floor, self._onset - self._preroll), events)
+        if self._state == _SPEECH:
+            events.append(self._close(max(self.position, upto), "flush"))
+        return events
+
+    def clear(self) -> list[Event]:
+        """Drop the open utterance without finalizing it. Returns the SpeechEnd that closes it, if any."""
+        events: list[Event] = []
+        if self._state == _SPEECH:
+            events.append(self._close(self.position, "clear"))
+        self._state = _SILENCE
+        self._floor = self.position
+        return events
+
+    def _track(self, p: float, end: int) -> None:
+        if p >= self.options.threshold:
+            self._speech_samples += self.window
+            self._silence_run = 0
+            self._last_speech_end = end
+        elif p < self._neg:
+            self._silence_run += self.window
+
+    def _maybe_confirm(self, events: list[Event]) -> None:
+        if self._speech_samples >= self._min_speech:
+            self._open(max(self._floor, self._onset - self._preroll), events)
+
+    def _open(self, start: int, events: list[Event]) -> None:
+        self._state = _SPEECH
+        self._start = start
+        self._silence_run = 0
+        events.append(SpeechStart(start))
+
+    def _close(self, end: int, reason: str) -> SpeechEnd:
+        end = max(end, self._start + 1)
+        self._state = _SILENCE
+        self._floor = end
+        self._recent = []
+        return SpeechEnd(end, reason)
+
+    def _cut_point(self, end: int) -> int:
+        """Where to cut an over-long utterance: its quietest window in the last few seconds."""
+        lo = end - int(_CUT_SEARCH_S * SAMPLE_RATE)
+        candidates = [(p, s) for s, p in self._recent if s >= max(lo, self._start + self.window)]
+        if not candidates:
+            return end
+        _, start = min(candidates)
+        return start

@@ -1,0 +1,261 @@
+"""engines.d: loading and validating ``engine.yaml`` files.
+
+Each ``*.yaml`` file describes one engine: its identity, capabilities, the
+JSON Schema of its per-session configuration (``config_schema``) and the
+``pipeline`` naming a plugin component (and its options) for each stage.
+Every problem is reported as ``file: json.path: reason``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from host.endpointing import ENDPOINTING_KEYS, ENDPOINTING_SCHEMA
+from host.plugins import PluginSet
+from host.schemas import Validator, json_path, problems, with_defaults
+
+STAGES = ("vad", "asr", "assembler")
+DEFAULT_STAGES = {"assembler": {"plugin": "default", "options": {}}}
+
+_STAGE = {
+    "type": "object",
+    "required": ["plugin"],
+    "properties": {
+        "plugin": {"type": "string", "minLength": 1},
+        "options": {"type": "object", "default": {}},
+    },
+    "additionalProperties": False,
+}
+
+ENGINE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "engine.yaml",
+    "type": "object",
+    "required": ["id", "type", "name", "version", "capabilities", "config_schema", "pipeline"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]*$"},
+        "type": {"const": "realtime"},
+        "name": {"type": "string", "minLength": 1},
+        "version": {"type": ["string", "number"]},
+        "description": {"type": "string"},
+        "container": {"type": "object"},
+        "capabilities": {
+            "type": "object",
+            "required": ["languages", "models"],
+            "properties": {
+                "languages": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "models": {"type": "array", "items": {"type": "string"}, "minItems": 1, "uniqueItems": True},
+                "streaming": {"type": "boolean"},
+                "word_timestamps": {"type": "boolean"},
+                "max_sessions": {"type": "integer", "minimum": 1},
+            },
+        },
+        "config_schema": {"type": "object"},
+        "pipeline": {
+            "type": "object",
+            "required": ["vad", "asr"],
+            "properties": {stage: _STAGE for stage in STAGES},
+            "additionalProperties": False,
+        },
+    },
+}
+Validator.check_schema(ENGINE_SCHEMA)
+
+ANY_LANGUAGE = {"all", "*", "auto"}
+
+
+@dataclass
+class Stage:
+    plugin: str
+    options: dict[str, Any]
+
+
+@dataclass
+class EngineSpec:
+    """A validated engine.yaml."""
+
+    id: str
+    name: str
+    version: str
+    description: str
+    file: Path
+    capabilities: dict[str, Any]
+    config_schema: dict[str, Any]
+    pipeline: dict[str, Stage]
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.capabilities["models"])
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.capabilities["languages"])
+
+    def accepts_language(self, language: str) -> bool:
+        langs = set(self.languages)
+        return language == "auto" or bool(langs & ANY_LANGUAGE) or language in langs
+
+    def describe(self) -> dict[str, Any]:
+        """The public description served by ``GET /engines``."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "capabilities": self.capabilities,
+            "config_schema": self.config_schema,
+        }
+
+
+@dataclass
+class EngineError:
+    file: Path
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.path}" if self.path else str(self.file)
+        return f"{where}: {self.message}"
+
+
+class EngineLoadError(Exception):
+    """Raised when engines must all be valid and some are not."""
+
+    def __init__(self, errors: list[EngineError]):
+        self.errors = errors
+        super().__init__("\n".join(map(str, errors)))
+
+
+def engine_files(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).glob("*.yaml") if p.is_file())
+
+
+def load_engines(directory: Path, plugins: PluginSet) -> tuple[list[EngineSpec], list[EngineError]]:
+    """Load every ``*.yaml`` in ``directory``; return the valid engines and all errors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [], [EngineError(directory, "", "engines directory not found")]
+    engines, errors = [], []
+    seen: dict[str, Path] = {}
+    for path in engine_files(directory):
+        spec, errs = load_engine_file(path, plugins)
+        if spec is not None and spec.id in seen:
+            errs.append(EngineError(path, "id", f"engine id {spec.id!r} is already defined in {seen[spec.id]}"))
+            spec = None
+        errors.extend(errs)
+        if spec is not None:
+            seen[spec.id] = path
+            engines.append(spec)
+    if not engines and not errors:
+        errors.append(EngineError(directory, "", "no *.yaml engine files found"))
+    return engines, errors
+
+
+def load_engine_file(path: Path, plugins: PluginSet) -> tuple[EngineSpec | None, list[EngineError]]:
+    """Parse and validate one engine file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return None, [EngineError(path, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}")]
+    except OSError as exc:
+        return None, [EngineError(path, "", f"cannot read: {exc.strerror}")]
+    return validate_engine(raw, path, plugins)
+
+
+def validate_engine(raw: Any, path: Path, plugins: PluginSet) -> tuple[EngineSpec | None, list[EngineError]]:
+    errors = [EngineError(path, p.path, p.message) for p in problems(ENGINE_SCHEMA, raw)]
+    if errors:
+        return None, errors
+    raw = with_defaults(ENGINE_SCHEMA, raw)
+
+    config_schema = raw["config_schema"]
+    try:
+        Validator.check_schema(config_schema)
+    except jsonschema.SchemaError as exc:
+        errors.append(EngineError(path, json_path(exc.absolute_path, "config_schema"), f"not a valid JSON Schema: {exc.message}"))
+        return None, errors
+
+    pipeline: dict[str, Stage] = {}
+    stages = {**copy.deepcopy(DEFAULT_STAGES), **raw["pipeline"]}
+    for stage_name in STAGES:
+        stage = stages.get(stage_name)
+        if stage is None:
+            continue
+        opts, errs = _validate_stage(stage_name, stage, path, plugins)
+        errors.extend(errs)
+        pipeline[stage_name] = Stage(stage["plugin"], opts)
+
+    caps = raw["capabilities"]
+    asr = pipeline.get("asr")
+    if asr is not None and not errors:
+        defined = asr.options.get("models")
+        if not isinstance(defined, dict):
+            errors.append(EngineError(path, "pipeline.asr.options.models", "must map each model variant to its options"))
+        else:
+            for i, variant in enumerate(caps["models"]):
+                if variant not in defined:
+                    errors.append(EngineError(
+                        path, f"capabilities.models[{i}]",
+                        f"variant {variant!r} is not defined in pipeline.asr.options.models (defined: {sorted(defined)})",
+                    ))
+    errors.extend(_check_config_schema(config_schema, caps, path))
+    if errors:
+        return None, errors
+    spec = EngineSpec(
+        id=raw["id"],
+        name=raw["name"],
+        version=str(raw["version"]),
+        description=str(raw.get("description", "")).strip(),
+        file=Path(path),
+        capabilities=caps,
+        config_schema=config_schema,
+        pipeline=pipeline,
+        raw=raw,
+    )
+    return spec, []
+
+
+def _validate_stage(stage_name: str, stage: dict, path: Path, plugins: PluginSet) -> tuple[dict, list[EngineError]]:
+    where = f"pipeline.{stage_name}"
+    component = plugins.component(stage_name, stage["plugin"])
+    if component is None:
+        known = ", ".join(plugins.names(stage_name)) or "none loaded"
+        return {}, [EngineError(path, f"{where}.plugin", f"no {stage_name} plugin named {stage['plugin']!r} (available: {known})")]
+    options = dict(stage.get("options") or {})
+    if stage_name == "vad":
+        # Endpointing options belong to the host's state machine, the rest to the plugin.
+        endpointing = {k: v for k, v in options.items() if k in ENDPOINTING_KEYS}
+        own = {k: v for k, v in options.items() if k not in ENDPOINTING_KEYS}
+        errs = problems(ENDPOINTING_SCHEMA, endpointing, f"{where}.options")
+        errs += problems(component.options_schema, own, f"{where}.options")
+        merged = {**with_defaults(ENDPOINTING_SCHEMA, endpointing), **with_defaults(component.options_schema, own)}
+    else:
+        errs = problems(component.options_schema, options, f"{where}.options")
+        merged = with_defaults(component.options_schema, options)
+    return merged, [EngineError(path, e.path, e.message) for e in errs]
+
+
+def _check_config_schema(schema: dict, caps: dict, path: Path) -> list[EngineError]:
+    """Cross-check the session schema with the capabilities it must agree with."""
+    errors = []
+    props = schema.get("properties") or {}
+    model = props.get("model") if isinstance(props, dict) else None
+    if isinstance(model, dict):
+        for value in model.get("enum", []):
+            if value not in caps["models"]:
+                errors.append(EngineError(path, "config_schema.properties.model.enum",
+                                          f"{value!r} is not in capabilities.models {caps['models']}"))
+        default = model.get("default")
+        if default is not None and default not in caps["models"]:
+            errors.append(EngineError(path, "config_schema.properties.model.default",
+                                      f"{default!r} is not in capabilities.models {caps['models']}"))
+    return errors

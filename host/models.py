@@ -1,0 +1,135 @@
+"""Model manager: builds every engine's components once at start-up and reports memory.
+
+Factories run in a worker thread (they load weights), never on the event loop.
+Components are shared by all sessions; identical models named by several
+variants or engines are loaded once through :meth:`ModelManager.shared`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+
+from host.contracts import Assembler, AsrEngine, LoadContext, VadModel
+from host.endpointing import EndpointingOptions
+from host.engines import EngineSpec
+from host.plugins import PluginSet
+
+log = logging.getLogger(__name__)
+
+
+class ComponentError(Exception):
+    """A factory failed; the message names the engine, stage and plugin."""
+
+
+@dataclass
+class LoadedEngine:
+    spec: EngineSpec
+    vad: VadModel
+    endpointing: EndpointingOptions
+    asr: AsrEngine
+    assembler: Assembler
+    load_seconds: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass
+class ModelManager:
+    plugins: PluginSet
+    engines: dict[str, LoadedEngine] = field(default_factory=dict)
+    _shared: dict[tuple, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def shared(self, key: tuple, loader: Callable[[], Any]) -> Any:
+        """One object per ``key`` across all engines (e.g. one set of model weights)."""
+        with self._lock:
+            if key not in self._shared:
+                self._shared[key] = loader()
+            return self._shared[key]
+
+    async def load(self, specs: list[EngineSpec]) -> None:
+        """Load all engines, one after another, off the event loop."""
+        for spec in specs:
+            self.engines[spec.id] = await asyncio.to_thread(self._build, spec)
+
+    def _build(self, spec: EngineSpec) -> LoadedEngine:
+        t0 = time.perf_counter()
+        context = LoadContext(shared=self.shared, engine_id=spec.id)
+        built = {}
+        for stage in ("vad", "asr", "assembler"):
+            st = spec.pipeline[stage]
+            component = self.plugins.component(stage, st.plugin)
+            try:
+                built[stage] = component.factory(dict(st.options), context)
+            except Exception as exc:
+                raise ComponentError(
+                    f"engine {spec.id!r} ({spec.file}): {stage} plugin {st.plugin!r} "
+                    f"from {component.plugin!r} failed to load: {type(exc).__name__}: {exc}"
+                ) from exc
+        missing = [v for v in spec.models if v not in built["asr"].variants]
+        if missing:
+            raise ComponentError(f"engine {spec.id!r}: ASR plugin did not provide variants {missing}")
+        seconds = time.perf_counter() - t0
+        log.info("engine %s loaded in %.2f s (variants: %s)", spec.id, seconds, ", ".join(spec.models))
+        return LoadedEngine(
+            spec=spec,
+            vad=built["vad"],
+            endpointing=EndpointingOptions.from_options(spec.pipeline["vad"].options),
+            asr=built["asr"],
+            assembler=built["assembler"],
+            load_seconds=seconds,
+        )
+
+    def memory(self) -> dict[str, Any]:
+        """Process RSS always; GPU memory per device through NVML when a GPU is present."""
+        report: dict[str, Any] = {"rss_bytes": psutil.Process(os.getpid()).memory_info().rss}
+        gpus = gpu_memory()
+        if gpus:
+            report["gpus"] = gpus
+        return report
+
+
+def gpu_memory() -> list[dict[str, Any]]:
+    """Used/total memory of each NVIDIA GPU (empty without NVML or a GPU).
+
+    NVML sees all allocations on the device, CTranslate2's included, which
+    torch.cuda.memory_allocated() does not.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: no GPU to report
+        return []
+    try:
+        out = []
+        pid = os.getpid()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            mine = 0
+            try:
+                for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == pid and proc.usedGpuMemory:
+                        mine += proc.usedGpuMemory
+            except Exception:  # noqa: BLE001 - per-process figures are not available everywhere
+                mine = None
+            out.append({"index": i, "used_bytes": info.used, "total_bytes": info.total, "process_bytes": mine})
+        return out
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,185 @@
+"""Plugin loading: built-ins plus entry points in the group ``engine_host``.
+
+``load_plugins()`` returns a :class:`PluginSet` holding the pluggy manager, every
+registered component and the errors of plugins that failed to load. A broken
+third-party plugin never stops the host: it is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jsonschema
+import pluggy
+
+from host import hookspecs
+
+log = logging.getLogger(__name__)
+
+KINDS = ("vad", "asr", "assembler", "registry")
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+BUILTIN_PLUGINS = ("host.assembler", "host.registry")
+
+
+@dataclass
+class Component:
+    """A factory registered by a plugin for one pipeline stage."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    options_schema: dict
+    plugin: str
+
+
+@dataclass
+class PluginInfo:
+    """A loaded plugin, for ``engine-host plugins``."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: list[str]
+    components: list[Component] = field(default_factory=list)
+
+
+@dataclass
+class PluginError:
+    """A plugin that could not be loaded or registered something invalid."""
+
+    plugin: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r}: {self.message}"
+
+
+@dataclass
+class PluginSet:
+    manager: pluggy.PluginManager
+    plugins: list[PluginInfo]
+    components: dict[tuple[str, str], Component]
+    errors: list[PluginError]
+
+    def component(self, kind: str, name: str) -> Component | None:
+        return self.components.get((kind, name))
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n for k, n in self.components if k == kind)
+
+    @property
+    def hook(self):
+        return self.manager.hook
+
+
+def allowed_entry_points(env: dict[str, str] | None = None) -> set[str] | None:
+    """Entry point names ``ENGINE_HOST_PLUGINS`` allows (None: all). An empty value loads none."""
+    env = os.environ if env is None else env
+    value = env.get("ENGINE_HOST_PLUGINS")
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def load_plugins(env: dict[str, str] | None = None, extra: list[Any] = ()) -> PluginSet:
+    """Load built-ins, allowed entry points and ``extra`` plugin objects; collect components."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    errors: list[PluginError] = []
+
+    import importlib
+
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+
+    allowed = allowed_entry_points(env)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        if pm.has_plugin(ep.name):
+            continue
+        try:
+            # pluggy's own loader, one entry point at a time, so one broken plugin
+            # is reported by name instead of aborting the whole load.
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+        except Exception as exc:  # noqa: BLE001 - any import-time failure of a third party
+            errors.append(PluginError(ep.name, f"failed to load entry point {ep.value!r}: {_brief(exc)}"))
+            log.error("plugin %r failed to load: %s", ep.name, _brief(exc))
+    for obj in extra:
+        pm.register(obj)
+
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        errors.append(PluginError(exc.plugin_name if hasattr(exc, "plugin_name") else "?", str(exc)))
+
+    infos = _plugin_infos(pm)
+    components: dict[tuple[str, str], Component] = {}
+    for kind in KINDS:
+        hook = getattr(pm.hook, f"register_{kind}")
+        for impl in reversed(hook.get_hookimpls()):
+            _collect(kind, impl, components, infos, errors)
+    return PluginSet(pm, list(infos.values()), components, errors)
+
+
+def _collect(kind, impl, components, infos, errors) -> None:
+    plugin_name = impl.plugin_name
+
+    def register(name: str, factory: Callable[..., Any], options_schema: dict | None = None) -> None:
+        schema = {"type": "object"} if options_schema is None else options_schema
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise _RegisterError(f"{kind} {name!r} has an invalid options schema: {exc.message}") from None
+        if not callable(factory):
+            raise _RegisterError(f"{kind} {name!r}: factory is not callable")
+        existing = components.get((kind, name))
+        if existing is not None:
+            raise _RegisterError(f"{kind} {name!r} is already registered by plugin {existing.plugin!r}")
+        comp = Component(kind, name, factory, schema, plugin_name)
+        components[(kind, name)] = comp
+        if plugin_name in infos:
+            infos[plugin_name].components.append(comp)
+
+    try:
+        impl.function(register=register)
+    except _RegisterError as exc:
+        errors.append(PluginError(plugin_name, str(exc)))
+    except Exception as exc:  # noqa: BLE001
+        errors.append(PluginError(plugin_name, f"register_{kind} failed: {_brief(exc)}"))
+
+
+class _RegisterError(Exception):
+    pass
+
+
+def _plugin_infos(pm: pluggy.PluginManager) -> dict[str, PluginInfo]:
+    dists = {pm.get_name(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    infos = {}
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        dist = dists.get(name)
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        if dist is not None:
+            dist_name, version = dist.metadata["name"], dist.version
+        elif name in BUILTIN_PLUGINS:
+            dist_name, version = "realtime-engine-host (built-in)", _host_version()
+        else:
+            dist_name, version = None, None
+        infos[name] = PluginInfo(name, dist_name, version, hooks)
+    return infos
+
+
+def _host_version() -> str:
+    from host import __version__
+
+    return __version__
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,128 @@
+"""Shared inference scheduler: one queue per loaded model, served by worker threads.
+
+Model inference never runs on the asyncio event loop. Each loaded ASR model has
+one :class:`InferenceQueue` with as many threads as the model can run at once;
+every session of every engine using that model submits to it. Jobs are served
+by priority (finals before partials), then in submission order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+FINAL = 0
+PARTIAL = 1
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    seq: int
+    fn: Callable[[], Any] = field(compare=False)
+    loop: asyncio.AbstractEventLoop = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    submitted: float = field(compare=False, default=0.0)
+
+
+class InferenceQueue:
+    """A priority queue of blocking calls run by ``threads`` daemon threads."""
+
+    def __init__(self, name: str, threads: int = 1):
+        self.name = name
+        self.threads = max(1, threads)
+        self._queue: queue.PriorityQueue[_Job | tuple] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._workers: list[threading.Thread] = []
+        self.busy = 0
+        self.completed = 0
+        self.busy_seconds = 0.0
+
+    def start(self) -> None:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._work, name=f"infer-{self.name}-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def stop(self) -> None:
+        for _ in self._workers:
+            self._queue.put((float("inf"), next(self._seq)))  # sentinel sorts last
+        for t in self._workers:
+            t.join(timeout=5)
+        self._workers.clear()
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (not yet running)."""
+        return self._queue.qsize()
+
+    def submit(self, fn: Callable[[], Any], priority: int = FINAL) -> asyncio.Future:
+        """Queue ``fn`` and return an asyncio future for its result (call from the event loop)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put(_Job(priority, next(self._seq), fn, loop, fut, time.monotonic()))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if not isinstance(job, _Job):
+                return
+            if job.future.cancelled():
+                continue
+            self.busy += 1
+            t0 = time.perf_counter()
+            try:
+                result, error = job.fn(), None
+            except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting session
+                result, error = None, exc
+            finally:
+                self.busy -= 1
+                self.busy_seconds += time.perf_counter() - t0
+                self.completed += 1
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Scheduler:
+    """All inference queues of a worker, keyed by model key."""
+
+    def __init__(self):
+        self.queues: dict[tuple, InferenceQueue] = {}
+
+    def queue_for(self, key: tuple, threads: int) -> InferenceQueue:
+        q = self.queues.get(key)
+        if q is None:
+            q = InferenceQueue("-".join(map(str, key))[-40:], threads)
+            q.start()
+            self.queues[key] = q
+        return q
+
+    def stop(self) -> None:
+        for q in self.queues.values():
+            q.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            q.name: {"threads": q.threads, "waiting": q.depth, "running": q.busy, "completed": q.completed}
+            for q in self.queues.values()
+        }

@@ -1,0 +1,266 @@
+"""The worker: a websockets server for ``/session`` plus plain-HTTP ``/health`` and ``/engines``.
+
+Lifecycle: :meth:`Worker.start` opens the port first (``/health`` answers 503
+``starting`` meanwhile), loads plugins, engines and models, registers with the
+registry and turns ``ready``. :meth:`Worker.shutdown` stops accepting, ends
+every open session with ``session.end`` and close 1001, and deregisters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from host import __version__
+from host import sender as msg
+from host.contracts import SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
+from host.engines import EngineLoadError, load_engines
+from host.models import ModelManager
+from host.plugins import PluginSet, load_plugins
+from host.registry import call_quietly, heartbeat_loop
+from host.scheduler import Scheduler
+from host.session import Session, SessionServices
+from host.session_config import ConfigError, parse_session_config, pick_engine
+from host.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SESSION_PATHS = ("/session", "/v1/audio/transcriptions/stream")
+
+STARTING, READY, DRAINING = "starting", "ready", "draining"
+
+
+class StartupError(Exception):
+    """The worker cannot serve (no valid engine, a model failed to load, ...)."""
+
+
+class Worker:
+    def __init__(self, settings: Settings, plugins: PluginSet | None = None):
+        self.settings = settings
+        self.plugins = plugins if plugins is not None else load_plugins()
+        self.models = ModelManager(self.plugins)
+        self.scheduler = Scheduler()
+        self.status = STARTING
+        self.sessions: set[Session] = set()
+        self._reserved = 0
+        self.started_at = time.time()
+        self.ready_after_s: float | None = None
+        self.registry = None
+        self._server: Server | None = None
+        self._stop = asyncio.Event()
+        self._heartbeat: asyncio.Task | None = None
+        self._vad_executor = ThreadPoolExecutor(
+            max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
+        )
+        self.services = SessionServices(
+            worker_id=settings.worker_id,
+            scheduler=self.scheduler,
+            vad_executor=self._vad_executor,
+            max_frame_bytes=settings.max_frame_bytes,
+            on_started=self._session_started,
+            on_ended=self._session_ended,
+        )
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        t0 = time.perf_counter()
+        for error in self.plugins.errors:
+            log.error("%s", error)
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._http,
+            # Frames above max_frame_bytes get a recoverable error; only absurd ones are cut off.
+            max_size=max(4 * self.settings.max_frame_bytes, 1 << 20),
+            ping_interval=20,
+            ping_timeout=20,
+            compression=None,
+        )
+        log.info("listening on %s:%d (worker %s)", self.settings.host, self.port, self.settings.worker_id)
+        specs, errors = load_engines(self.settings.engines_dir, self.plugins)
+        for error in errors:
+            log.error("engine skipped: %s", error)
+        if not specs:
+            raise EngineLoadError(errors)
+        await self.models.load(specs)
+        self.registry = self._build_registry()
+        self._heartbeat = asyncio.create_task(heartbeat_loop(
+            self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s, self._stop,
+        ))
+        self.plugins.hook.startup(worker=self)
+        self.status = READY
+        self.ready_after_s = time.perf_counter() - t0
+        log.info("ready in %.2f s: engines %s, %s", self.ready_after_s, ", ".join(self.models.engines),
+                 _mib(self.models.memory()["rss_bytes"]))
+
+    async def shutdown(self) -> None:
+        """Stop accepting, end open sessions (session.end + close 1001), deregister."""
+        if self.status == DRAINING and self._stop.is_set():
+            return
+        self.status = DRAINING
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        await asyncio.gather(*(s.stop(1001) for s in list(self.sessions)), return_exceptions=True)
+        self._stop.set()
+        if self._heartbeat is not None:
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self.registry is not None:
+            await call_quietly("deregister", self.registry.deregister())
+        self.plugins.hook.shutdown(worker=self)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.scheduler.stop()
+        self._vad_executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.port
+        return self._server.sockets[0].getsockname()[1]
+
+    def _build_registry(self):
+        name = self.settings.registry
+        component = self.plugins.component("registry", name)
+        if component is None:
+            raise StartupError(f"no registry plugin named {name!r} (loaded: {', '.join(self.plugins.names('registry'))})")
+        options = {"url": self.settings.redis_url} if name == "redis" else {}
+        from host.contracts import LoadContext
+        from host.schemas import problems, with_defaults
+
+        found = problems(component.options_schema, options)
+        if found:
+            raise StartupError(f"registry {name!r}: {found[0]}")
+        return component.factory(with_defaults(component.options_schema, options),
+                                 LoadContext(shared=self.models.shared, engine_id=""))
+
+    # --- state for health and the registry ------------------------------------
+
+    def worker_info(self) -> WorkerInfo:
+        engines = list(self.models.engines.values())
+        return WorkerInfo(
+            worker_id=self.settings.worker_id,
+            endpoint=self.settings.endpoint,
+            capacity=self.settings.max_sessions,
+            engines=[e.id for e in engines],
+            models=sorted({m for e in engines for m in e.spec.models}),
+            languages=sorted({lang for e in engines for lang in e.spec.languages}),
+            version=__version__,
+            started_at=self.started_at,
+        )
+
+    def worker_status(self) -> WorkerStatus:
+        return WorkerStatus(
+            status=self.status,
+            active_sessions=len(self.sessions),
+            capacity=self.settings.max_sessions,
+            memory=self.models.memory(),
+        )
+
+    def health(self) -> tuple[int, dict]:
+        body = {
+            "status": "healthy" if self.status == READY else self.status,
+            "worker_id": self.settings.worker_id,
+            "active_sessions": len(self.sessions),
+            "capacity": self.settings.max_sessions,
+            "engines": list(self.models.engines),
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+        return (200 if self.status == READY else 503), body
+
+    # --- HTTP -----------------------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
+        path = urlsplit(request.path).path
+        if path == "/health":
+            status, body = self.health()
+            return _json_response(status, body)
+        if path == "/engines":
+            return _json_response(200, [e.spec.describe() for e in self.models.engines.values()])
+        return _json_response(404, {"error": "not found", "path": path})
+
+    # --- WebSocket ---------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path == "/health":
+            _, body = self.health()
+            await ws.send(json.dumps(body))
+            await ws.close(1000)
+            return
+        if url.path not in SESSION_PATHS:
+            await ws.close(1008, "Invalid path")
+            return
+        if self.status != READY:
+            await ws.close(1013, f"Server {self.status}")
+            return
+        if len(self.sessions) + self._reserved >= self.settings.max_sessions:
+            await ws.close(1013, "Server at capacity")
+            return
+        self._reserved += 1
+        try:
+            query = dict(parse_qsl(url.query, keep_blank_values=True))
+            try:
+                engine = self.models.engines[pick_engine(query, {k: e.spec for k, e in self.models.engines.items()}).id]
+                config = parse_session_config(query, engine.spec)
+            except ConfigError as exc:
+                await ws.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
+                await ws.close(1008, "Invalid config")
+                return
+            session = Session(ws, engine, config, self.services)
+        finally:
+            self._reserved -= 1
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def _session_started(self, info: SessionInfo) -> None:
+        log.info("session %s started: engine=%s model=%s", info.session_id, info.engine, info.config.get("model"))
+        self.plugins.hook.session_started(session=info)
+
+    async def _session_ended(self, info: SessionInfo, record: SessionRecord) -> None:
+        log.info("session %s ended: status=%s audio=%.1fs speech=%.1fs segments=%d",
+                 record.session_id, record.status, record.audio_seconds, record.speech_seconds, record.segments)
+        self.plugins.hook.session_ended(session=info, record=record)
+        if self.registry is not None:
+            await call_quietly("session_ended", self.registry.session_ended(record))
+
+
+def _json_response(status: int, body) -> Response:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-store")])
+    return Response(status, HTTPStatus(status).phrase, headers, data)
+
+
+def _mib(n: int) -> str:
+    return f"RSS {n / 2**20:.0f} MiB"
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Worker:
+    """Start a worker, serve until ``stop`` is set, then shut it down."""
+    worker = Worker(settings, plugins)
+    try:
+        await worker.start()
+        await stop.wait()
+    finally:
+        await worker.shutdown()
+    return worker

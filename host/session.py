@@ -1,0 +1,275 @@
+"""One ``/session``: receiver → VAD → ASR → assembler → sender.
+
+Audio frames are decoded (:mod:`host.audio`) and endpointed (:mod:`host.vad`)
+in a worker thread, one frame at a time. Each finished utterance is submitted
+to the model's inference queue at once; a chain of delivery tasks sends the
+finals strictly in utterance order, and ``flush.done``/``session.end`` join the
+same chain so they follow every final before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from host import sender as msg
+from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
+from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
+from host.endpointing import Event, SpeechEnd, SpeechStart
+from host.models import LoadedEngine
+from host.scheduler import FINAL, Scheduler
+from host.sender import Sender
+from host.session_config import ConfigError, SessionConfig, check_language
+from host.vad import VadStage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SessionServices:
+    """What a session needs from its worker."""
+
+    worker_id: str
+    scheduler: Scheduler
+    vad_executor: Executor
+    max_frame_bytes: int
+    on_started: Callable[[SessionInfo], None]
+    on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]]
+
+
+class Session:
+    def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
+        self.id = f"sess_{uuid.uuid4().hex[:16]}"
+        self.engine = engine
+        self.config = config
+        self.services = services
+        self.out = Sender(ws)
+        self.decoder = AudioDecoder(config.encoding, config.sample_rate, config.channels)
+        self.buffer = AudioBuffer()
+        self.vad = VadStage(engine.vad if config.enable_vad else None, engine.endpointing)
+        self.transcript = engine.assembler.open_session()
+        self.language = config.language
+        self.model = engine.asr.variants[config.model]
+        self.queue = services.scheduler.queue_for(self.model.key, self.model.parallelism)
+        self.info = SessionInfo(self.id, engine.id, config.public(), services.worker_id)
+        self.started_at = time.time()
+        self.speech_seconds = 0.0
+        self.errors: dict[str, int] = {}
+        self._ws = ws
+        self._lock = asyncio.Lock()  # one pipeline step at a time (frames, control, finish)
+        self._tail: asyncio.Task | None = None
+        self._utterance: tuple[int, int] | None = None  # (id, start sample) of the open utterance
+        self._next_utterance = 0
+        self._finished = False
+        self._status = "completed"
+        self._error: str | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until ``end``, a disconnect, or :meth:`stop`."""
+        self.services.on_started(self.info)
+        await self.out.send(msg.session_begin(self.id, self.engine.id, self.config.public()))
+        try:
+            async for message in self._ws:
+                if isinstance(message, bytes):
+                    await self._on_audio(message)
+                else:
+                    await self._on_text(message)
+                if self._finished:
+                    break
+        except Exception as exc:  # noqa: BLE001 - the connection dropping is handled below too
+            if not _is_disconnect(exc):
+                log.exception("session %s failed", self.id)
+                self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
+                await self._report("internal_error", "internal error; the session is ending", recoverable=False)
+        finally:
+            # Disconnect without `end`: still finalize and record what was said.
+            await self.finish(1000 if self._status == "completed" else 1011)
+            record = self.record()
+            await self.services.on_ended(self.info, record)
+
+    async def stop(self, code: int = 1001, reason: str = "worker shutting down") -> None:
+        """End the session from the server side: finalize, send session.end, close."""
+        await self.finish(code, reason)
+
+    async def finish(self, code: int = 1000, reason: str = "") -> None:
+        """Finalize open speech, wait for every final, send session.end and close. Idempotent."""
+        async with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            try:
+                tail = self.decoder.finish()
+                if tail.size:
+                    await self._process(tail)
+                await self._handle(self.vad.flush())
+            except Exception:  # noqa: BLE001 - still deliver what we have
+                log.exception("session %s: finalizing failed", self.id)
+        if self._tail is not None:
+            await self._tail
+        await self.out.send(msg.session_end(
+            self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
+            self.transcript.segments, self.config.word_timestamps,
+        ))
+        await self.out.close(code, reason)
+
+    def record(self) -> SessionRecord:
+        return SessionRecord(
+            session_id=self.id,
+            worker_id=self.services.worker_id,
+            engine=self.engine.id,
+            model=self.config.model,
+            status=self._status,
+            started_at=self.started_at,
+            ended_at=time.time(),
+            audio_seconds=round(self.buffer.end / SAMPLE_RATE, 3),
+            speech_seconds=round(self.speech_seconds, 3),
+            segments=len(self.transcript.segments),
+            error=self._error,
+        )
+
+    # --- client messages ----------------------------------------------------
+
+    async def _on_audio(self, data: bytes) -> None:
+        if len(data) > self.services.max_frame_bytes:
+            await self._report("frame_too_large", f"audio frame of {len(data)} bytes exceeds max_frame_bytes "
+                               f"({self.services.max_frame_bytes}); frame dropped", recoverable=True)
+            return
+        try:
+            samples = self.decoder.decode(data)
+        except InvalidAudio as exc:
+            await self._report("invalid_audio", f"{exc}; frame dropped", recoverable=True)
+            return
+        async with self._lock:
+            if not self._finished:
+                await self._process(samples)
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            await self._report("invalid_json", f"malformed JSON: {exc}", recoverable=True)
+            return
+        kind = message.get("type") if isinstance(message, dict) else None
+        handler = {
+            "config": self._on_config,
+            "flush": self._on_flush,
+            "clear": self._on_clear,
+            "end": self._on_end,
+        }.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            shown = kind if isinstance(kind, str) else "(missing)"
+            await self._report("unknown_message", f"unknown message type {shown!r}; "
+                               "expected config, flush, clear or end", recoverable=True)
+            return
+        await handler(message)
+
+    async def _on_config(self, message: dict) -> None:
+        unknown = sorted(set(message) - {"type", "language"})
+        try:
+            if unknown:
+                raise ConfigError(unknown[0], "cannot be changed during a session (only language can)")
+            if "language" in message:
+                self.language = check_language(message["language"], self.engine.spec)
+        except ConfigError as exc:
+            await self._report("invalid_config", str(exc), recoverable=True)
+
+    async def _on_flush(self, message: dict) -> None:
+        async with self._lock:
+            if self._finished:
+                return
+            await self._handle(self.vad.flush())
+            self._after_finals(lambda: self.out.send(msg.flush_done()))
+
+    async def _on_clear(self, message: dict) -> None:
+        async with self._lock:
+            if not self._finished:
+                await self._handle(self.vad.clear())
+                self.buffer.discard_before(self.buffer.end)
+
+    async def _on_end(self, message: dict) -> None:
+        await self.finish(1000)
+
+    # --- pipeline -------------------------------------------------------------
+
+    async def _process(self, samples: np.ndarray) -> None:
+        """Buffer and endpoint one frame's samples (caller holds the lock)."""
+        self.buffer.append(samples)
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self.services.vad_executor, self.vad.feed, samples)
+        await self._handle(events)
+        self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
+
+    async def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, SpeechStart):
+                self._utterance = (self._next_utterance, event.sample)
+                self._next_utterance += 1
+                if self.config.enable_vad:
+                    await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
+            elif isinstance(event, SpeechEnd) and self._utterance is not None:
+                uid, start = self._utterance
+                self._utterance = None
+                if self.config.enable_vad:
+                    await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
+                if event.reason != "clear":
+                    self._finalize(Utterance(uid, start / SAMPLE_RATE, event.sample / SAMPLE_RATE),
+                                   self.buffer.slice(start, event.sample))
+
+    def _finalize(self, utterance: Utterance, audio: np.ndarray) -> None:
+        self.speech_seconds += utterance.end - utterance.start
+        language = None if self.language == "auto" else self.language
+        job = partial(self.model.transcribe, audio, language=language, word_timestamps=True)
+        future = self.queue.submit(job, FINAL)
+        self._chain(self._deliver_final(utterance, future))
+
+    async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
+        try:
+            result = await future
+        except Exception as exc:  # noqa: BLE001 - one failed utterance must not end the session
+            log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
+            await self._report("internal_error", f"transcription of utterance {utterance.id} failed: "
+                               f"{type(exc).__name__}", recoverable=True)
+            return
+        segment = self.transcript.add(utterance, result)
+        if segment is not None:
+            await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
+
+    def _after_finals(self, send: Callable[[], Awaitable[Any]]) -> None:
+        self._chain(send())
+
+    def _chain(self, step: Awaitable[Any]) -> None:
+        """Run ``step`` after every step chained before it, in order."""
+        previous = self._tail
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            try:
+                await step
+            except Exception:  # noqa: BLE001 - keep the chain alive for later steps
+                log.exception("session %s: delivery step failed", self.id)
+
+        self._tail = asyncio.create_task(run())
+
+    async def _report(self, code: str, message: str, recoverable: bool) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        log.info("session %s: %s (%s)", self.id, code, message)
+        await self.out.send(msg.error(code, message, recoverable))
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from websockets.exceptions import ConnectionClosed
+
+    return isinstance(exc, (ConnectionClosed, ConnectionError, asyncio.CancelledError))
+

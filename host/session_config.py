@@ -1,0 +1,167 @@
+"""Per-session configuration from the ``/session`` query string.
+
+Three schemas apply: the host's audio parameters (``encoding``, ``sample_rate``,
+``channels``, ``engine``), the host's core session parameters every engine
+understands (``model``, ``language``, ``interim_results``, ``word_timestamps``,
+``enable_vad``), and the engine's own ``config_schema``, which may narrow those
+or add parameters of its own. Query values are strings; they are converted to
+the type the schemas declare before validation, and defaults are applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from host.audio import ENCODINGS, MAX_RATE, MIN_RATE
+from host.engines import EngineSpec
+from host.schemas import declared_types, problems, with_defaults
+
+AUDIO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "engine": {"type": "string"},
+        "encoding": {"type": "string", "enum": list(ENCODINGS), "default": "pcm_s16le"},
+        "sample_rate": {"type": "integer", "minimum": MIN_RATE, "maximum": MAX_RATE, "default": 16000},
+        "channels": {"type": "integer", "enum": [1, 2], "default": 1},
+        "api_key": {"type": "string"},
+    },
+}
+
+CORE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "language": {"type": "string", "pattern": "^(auto|[a-z]{2,3})$", "default": "auto"},
+        "interim_results": {"type": "boolean", "default": True},
+        "word_timestamps": {"type": "boolean", "default": False},
+        "enable_vad": {"type": "boolean", "default": True},
+    },
+}
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A bad session parameter; ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(f"{param}: {message}" if param else message)
+
+
+@dataclass
+class SessionConfig:
+    engine: str
+    model: str
+    language: str
+    interim_results: bool
+    word_timestamps: bool
+    enable_vad: bool
+    encoding: str
+    sample_rate: int
+    channels: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific parameters declared by its config_schema."""
+
+    def public(self) -> dict[str, Any]:
+        """The ``config`` object of ``session.begin``."""
+        out = asdict(self)
+        out.pop("engine")
+        out.update(out.pop("extra"))
+        return out
+
+
+def pick_engine(query: Mapping[str, str], engines: Mapping[str, EngineSpec]) -> EngineSpec:
+    name = query.get("engine")
+    if name is None:
+        if not engines:
+            raise ConfigError("engine", "no engine is loaded")
+        return next(iter(engines.values()))
+    if name not in engines:
+        raise ConfigError("engine", f"unknown engine {name!r} (available: {', '.join(engines)})")
+    return engines[name]
+
+
+def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> SessionConfig:
+    """Validate query parameters for ``engine``; raise :class:`ConfigError` naming the bad one."""
+    schemas = (AUDIO_SCHEMA, CORE_SCHEMA, engine.config_schema)
+    known = set()
+    for schema in schemas:
+        known |= set(schema.get("properties") or {})
+    values: dict[str, Any] = {}
+    for name, raw in query.items():
+        if name not in known:
+            raise ConfigError(name, f"unknown parameter (known: {', '.join(sorted(known))})")
+        values[name] = _coerce(name, raw, schemas)
+
+    audio = _checked(AUDIO_SCHEMA, {k: v for k, v in values.items() if k in AUDIO_SCHEMA["properties"]})
+    session = {k: v for k, v in values.items() if k not in AUDIO_SCHEMA["properties"]}
+    session = _checked(engine.config_schema, session)
+    session = _checked(CORE_SCHEMA, session)
+
+    model = session.get("model") or engine.models[0]
+    if model not in engine.models:
+        raise ConfigError("model", f"unknown model {model!r} (engine {engine.id!r} has {', '.join(engine.models)})")
+    language = session["language"]
+    if not engine.accepts_language(language):
+        raise ConfigError("language", f"engine {engine.id!r} does not support {language!r} (supports {', '.join(engine.languages)})")
+    core = set(CORE_SCHEMA["properties"])
+    return SessionConfig(
+        engine=engine.id,
+        model=model,
+        language=language,
+        interim_results=session["interim_results"],
+        word_timestamps=session["word_timestamps"],
+        enable_vad=session["enable_vad"],
+        encoding=audio["encoding"],
+        sample_rate=audio["sample_rate"],
+        channels=audio["channels"],
+        extra={k: v for k, v in session.items() if k not in core},
+    )
+
+
+def check_language(language: Any, engine: EngineSpec) -> str:
+    """Validate a language given mid-session by a ``config`` message."""
+    if not isinstance(language, str):
+        raise ConfigError("language", "must be a string")
+    found = problems({"type": "object", "properties": {"language": CORE_SCHEMA["properties"]["language"]}}, {"language": language})
+    if found:
+        raise ConfigError("language", found[0].message)
+    if not engine.accepts_language(language):
+        raise ConfigError("language", f"engine {engine.id!r} does not support {language!r}")
+    return language
+
+
+def _checked(schema: dict, values: dict) -> dict:
+    found = problems(schema, values)
+    if found:
+        first = found[0]
+        raise ConfigError(first.path.split(".")[0] if first.path else "", first.message)
+    return with_defaults(schema, values)
+
+
+def _coerce(name: str, raw: str, schemas) -> Any:
+    types = [t for schema in schemas for t in declared_types(schema, name)]
+    text = raw.strip()
+    if "boolean" in types:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        if types == ["boolean"] or set(types) == {"boolean"}:
+            raise ConfigError(name, f"expected true/false/1/0, got {raw!r}")
+    if "integer" in types:
+        try:
+            return int(text)
+        except ValueError:
+            if "number" not in types and "string" not in types:
+                raise ConfigError(name, f"expected an integer, got {raw!r}") from None
+    if "number" in types:
+        try:
+            return float(text)
+        except ValueError:
+            if "string" not in types:
+                raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    return raw

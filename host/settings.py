@@ -1,0 +1,86 @@
+"""Worker settings: command-line flags, each with an environment variable and a default."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 9000
+    worker_id: str = ""
+    endpoint: str = ""
+    """The URL routers use to reach this worker (default ws://<hostname>:<port>)."""
+    max_sessions: int = 16
+    engines_dir: Path = Path("engines.d")
+    redis_url: str = ""
+    registry: str = ""
+    """Registry plugin name; default ``redis`` when a Redis URL is set, else ``memory``."""
+    heartbeat_s: float = 10.0
+    max_frame_bytes: int = 1 << 20
+    vad_threads: int = 0
+    """Threads for per-frame VAD work (0: one per CPU core)."""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            self.worker_id = f"{socket.gethostname()}-{self.port}"
+        if not self.endpoint:
+            self.endpoint = f"ws://{socket.gethostname()}:{self.port}"
+        if not self.registry:
+            self.registry = "redis" if self.redis_url else "memory"
+        self.engines_dir = Path(self.engines_dir)
+
+
+# Setting name -> (environment variable, help text). The CLI builds its flags from this table.
+ENV = {
+    "host": ("WORKER_HOST", "address to listen on"),
+    "port": ("WORKER_PORT", "port for WebSocket sessions and HTTP (/health, /engines)"),
+    "worker_id": ("WORKER_ID", "this worker's id in the registry (default <hostname>-<port>)"),
+    "endpoint": ("WORKER_ENDPOINT", "URL routers use to reach this worker (default ws://<hostname>:<port>)"),
+    "max_sessions": ("MAX_SESSIONS", "concurrent sessions; one more is closed with 1013"),
+    "engines_dir": ("ENGINES_DIR", "directory of engine.yaml files"),
+    "redis_url": ("REDIS_URL", "Redis URL for the worker registry (empty: in-memory registry)"),
+    "registry": ("ENGINE_HOST_REGISTRY", "registry plugin to use (default: redis if REDIS_URL is set, else memory)"),
+    "heartbeat_s": ("HEARTBEAT_INTERVAL_S", "seconds between registry heartbeats"),
+    "max_frame_bytes": ("MAX_FRAME_BYTES", "largest audio frame accepted; larger ones get error frame_too_large"),
+    "vad_threads": ("VAD_THREADS", "threads for VAD work (0: one per CPU core)"),
+    "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def settings_from(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from environment variables, then explicit overrides (CLI flags) on top."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(Settings)}
+    for name, (var, _) in ENV.items():
+        if var in env and env[var] != "":
+            values[name] = _convert(types[name], env[var], var)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)
+
+
+def _convert(kind: Any, raw: str, var: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return _bool(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise SystemExit(f"environment variable {var}={raw!r} is not a valid {kind}") from None
+    return raw

