@@ -1,0 +1,108 @@
+"""End to end on real speech: a real worker process, real Silero VAD and faster-whisper tiny.en."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from host.client import concat, read_wav, session_url, silence, stream
+from host.wer import WerCounts, word_errors
+
+
+def check_order(result) -> None:
+    """session.begin first; per utterance speech_start < speech_end <= final; finals in order."""
+    types = [m["type"] for m in result.messages]
+    assert types[0] == "session.begin"
+    assert types[-1] == "session.end"
+    open_utt = None
+    ended: set[int] = set()
+    utterance = -1
+    last_final_start = -1.0
+    for m in result.messages:
+        if m["type"] == "vad.speech_start":
+            assert open_utt is None, "speech_start while an utterance is open"
+            utterance += 1
+            open_utt = utterance
+        elif m["type"] == "vad.speech_end":
+            assert open_utt is not None, "speech_end without speech_start"
+            ended.add(open_utt)
+            open_utt = None
+        elif m["type"] == "transcript.final":
+            assert m["utterance_id"] in ended, f"final before speech_end of utterance {m['utterance_id']}"
+            assert m["start"] >= last_final_start
+            last_final_start = m["start"]
+    assert open_utt is None
+    end = result.end
+    finals = result.finals
+    assert [s["text"] for s in end["segments"]] == [f["text"] for f in finals]
+    assert end["transcript"] == " ".join(f["text"] for f in finals)
+
+
+async def test_manifest_wer_and_order(idle_worker, speech):
+    """Every utterance of the dev set, streamed faster than real time, two sessions at a time."""
+    url = session_url(idle_worker.url, word_timestamps=True)
+    sem = asyncio.Semaphore(2)
+    results = {}
+
+    async def one(utt):
+        async with sem:
+            audio = concat(read_wav(utt.path), silence(1.0))
+            results[utt.id] = await stream(url, audio, speed=None)
+
+    await asyncio.gather(*(one(u) for u in speech))
+    totals = {"all": WerCounts(0, 0), "test-other": WerCounts(0, 0)}
+    for utt in speech:
+        result = results[utt.id]
+        check_order(result)
+        assert result.finals, f"{utt.id}: no final"
+        assert len(result.of("vad.speech_start")) == len(result.of("vad.speech_end")) >= 1
+        counts = word_errors(utt.reference, result.end["transcript"])
+        totals["all"] += counts
+        if utt.id[0].isdigit():
+            totals["test-other"] += counts
+        for final in result.finals:
+            words = final["words"]
+            assert words, f"{utt.id}: final without words"
+            starts = [w["start"] for w in words]
+            assert starts == sorted(starts), f"{utt.id}: word starts not monotonic"
+            for w in words:
+                assert final["start"] - 1e-3 <= w["start"] <= w["end"] <= final["end"] + 1e-3
+            assert 0.0 <= final["confidence"] <= 1.0
+    print(f"\nstreamed WER: all {totals['all'].wer:.3f}, test-other {totals['test-other'].wer:.3f}")
+    assert totals["test-other"].wer <= 0.35
+    assert totals["all"].wer <= 0.30
+
+
+async def test_session_time_counts_silence(idle_worker, speech_by_id):
+    """Two utterances 3 s apart; timestamps are positions in the sent audio, silence included."""
+    a = read_wav(speech_by_id["1688-142285-0002"].path)
+    b = read_wav(speech_by_id["1688-142285-0003"].path)
+    lead = 2.0
+    audio = concat(silence(lead), a, silence(3.0), b, silence(1.0))
+    result = await stream(session_url(idle_worker.url, word_timestamps=True), audio, speed=None)
+    check_order(result)
+    finals = result.finals
+    assert len(finals) == 2, [f["text"] for f in finals]
+    first, second = finals
+    assert first["start"] >= lead - 0.35  # the VAD pre-roll is at most 0.3 s
+    assert second["start"] >= first["end"] + 3.0
+    assert second["start"] >= lead + a.seconds + 3.0 - 0.35
+    assert result.end["total_duration"] == pytest.approx(audio.seconds, abs=0.01)
+
+
+async def test_first_word_is_not_clipped(idle_worker, speech_by_id):
+    """Speech right after silence keeps its first word (pre-roll)."""
+    utt = speech_by_id["jfk"]
+    audio = concat(silence(1.5), read_wav(utt.path), silence(1.0))
+    result = await stream(session_url(idle_worker.url), audio, speed=None)
+    words = result.end["transcript"].lower().split()
+    assert words and words[0].strip(",.") == "and", result.end["transcript"]
+
+
+async def test_accurate_variant(idle_worker, speech_by_id):
+    utt = speech_by_id["jfk"]
+    result = await stream(session_url(idle_worker.url, model="accurate"), concat(read_wav(utt.path), silence(1)),
+                          speed=None)
+    assert result.of("session.begin")[0]["config"]["model"] == "accurate"
+    assert word_errors(utt.reference, result.end["transcript"]).wer <= 0.2
