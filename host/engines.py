@@ -74,6 +74,9 @@ ANY_LANGUAGE = {"all", "*", "auto"}
 class Stage:
     plugin: str
     options: dict[str, Any]
+    """The plugin's own options (defaults applied); passed to its factory."""
+    endpointing: dict[str, Any] | None = None
+    """For the vad stage: the host-owned endpointing options found among its options."""
 
 
 @dataclass
@@ -190,9 +193,9 @@ def validate_engine(raw: Any, path: Path, plugins: PluginSet) -> tuple[EngineSpe
         stage = stages.get(stage_name)
         if stage is None:
             continue
-        opts, errs = _validate_stage(stage_name, stage, path, plugins)
+        opts, endpointing, errs = _validate_stage(stage_name, stage, path, plugins)
         errors.extend(errs)
-        pipeline[stage_name] = Stage(stage["plugin"], opts)
+        pipeline[stage_name] = Stage(stage["plugin"], opts, endpointing)
 
     caps = raw["capabilities"]
     asr = pipeline.get("asr")
@@ -224,24 +227,28 @@ def validate_engine(raw: Any, path: Path, plugins: PluginSet) -> tuple[EngineSpe
     return spec, []
 
 
-def _validate_stage(stage_name: str, stage: dict, path: Path, plugins: PluginSet) -> tuple[dict, list[EngineError]]:
+def _validate_stage(
+    stage_name: str, stage: dict, path: Path, plugins: PluginSet
+) -> tuple[dict, dict | None, list[EngineError]]:
+    """Validate a stage's options; returns (plugin options, endpointing options, errors)."""
     where = f"pipeline.{stage_name}"
     component = plugins.component(stage_name, stage["plugin"])
     if component is None:
         known = ", ".join(plugins.names(stage_name)) or "none loaded"
-        return {}, [EngineError(path, f"{where}.plugin", f"no {stage_name} plugin named {stage['plugin']!r} (available: {known})")]
+        return {}, None, [EngineError(path, f"{where}.plugin",
+                                      f"no {stage_name} plugin named {stage['plugin']!r} (available: {known})")]
     options = dict(stage.get("options") or {})
+    endpointing = None
+    errs = []
     if stage_name == "vad":
         # Endpointing options belong to the host's state machine, the rest to the plugin.
         endpointing = {k: v for k, v in options.items() if k in ENDPOINTING_KEYS}
-        own = {k: v for k, v in options.items() if k not in ENDPOINTING_KEYS}
-        errs = problems(ENDPOINTING_SCHEMA, endpointing, f"{where}.options")
-        errs += problems(component.options_schema, own, f"{where}.options")
-        merged = {**with_defaults(ENDPOINTING_SCHEMA, endpointing), **with_defaults(component.options_schema, own)}
-    else:
-        errs = problems(component.options_schema, options, f"{where}.options")
-        merged = with_defaults(component.options_schema, options)
-    return merged, [EngineError(path, e.path, e.message) for e in errs]
+        options = {k: v for k, v in options.items() if k not in ENDPOINTING_KEYS}
+        errs += problems(ENDPOINTING_SCHEMA, endpointing, f"{where}.options")
+        endpointing = with_defaults(ENDPOINTING_SCHEMA, endpointing)
+    errs += problems(component.options_schema, options, f"{where}.options")
+    return with_defaults(component.options_schema, options), endpointing, [
+        EngineError(path, e.path, e.message) for e in errs]
 
 
 def _check_config_schema(schema: dict, caps: dict, path: Path) -> list[EngineError]:

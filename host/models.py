@@ -84,7 +84,7 @@ class ModelManager:
         return LoadedEngine(
             spec=spec,
             vad=built["vad"],
-            endpointing=EndpointingOptions.from_options(spec.pipeline["vad"].options),
+            endpointing=EndpointingOptions.from_options(spec.pipeline["vad"].endpointing or {}),
             asr=built["asr"],
             assembler=built["assembler"],
             load_seconds=seconds,

@@ -105,7 +105,8 @@ class WorkerProcess:
         assert self.health()["active_sessions"] == 0, "sessions still active"
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
