@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the session.end message as JSON")
     p.add_argument("--engines-dir", type=Path, default=None)
     p.set_defaults(run=cmd_transcribe)
+
+    p = sub.add_parser("bench", help="stream real speech over N sessions and report latency, WER, CPU, RSS")
+    from host.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=cmd_bench)
     return parser
 
 
@@ -174,6 +180,14 @@ def cmd_validate(args) -> int:
         print(f"error  {err}")
     print(f"{len(engines)} valid, {len(errors)} error(s)")
     return 1 if errors else 0
+
+
+def cmd_bench(args) -> int:
+    from host import bench
+
+    if args.speed == 0:
+        args.speed = None
+    return bench.main(args)
 
 
 # --- transcribe ------------------------------------------------------------------

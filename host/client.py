@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 
 @dataclass
@@ -117,6 +118,8 @@ async def stream(
                     result.received_at.append(time.monotonic())
                     if on_message is not None:
                         on_message(message)
+            except ConnectionClosed:
+                pass  # abnormal close: the code and reason below say what happened
             finally:
                 result.close_code = ws.close_code
                 result.close_reason = ws.close_reason or ""
@@ -128,13 +131,20 @@ async def stream(
             for frame in frames:
                 if receiver.done():
                     break
-                await ws.send(frame)
                 sent += len(frame)
                 if speed:
+                    # Like a live microphone: a frame leaves once all its audio has "happened".
                     due = result.started_at + sent / 2 / audio.channels / audio.sample_rate / speed
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    await ws.send(frame)
+                except ConnectionClosed:
+                    break
             if end and not receiver.done():
-                await ws.send(json.dumps({"type": "end"}))
+                try:
+                    await ws.send(json.dumps({"type": "end"}))
+                except ConnectionClosed:
+                    pass
             await receiver
         finally:
             receiver.cancel()

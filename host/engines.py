@@ -114,6 +114,7 @@ class EngineSpec:
             "description": self.description,
             "capabilities": self.capabilities,
             "config_schema": self.config_schema,
+            "endpointing": self.pipeline["vad"].endpointing,
         }
 
 

@@ -115,7 +115,9 @@ def load_plugins(env: dict[str, str] | None = None, extra: list[Any] = ()) -> Pl
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        errors.append(PluginError(exc.plugin_name if hasattr(exc, "plugin_name") else "?", str(exc)))
+        name = pm.get_name(exc.plugin) or "?"
+        errors.append(PluginError(name, str(exc)))
+        pm.unregister(exc.plugin)
 
     infos = _plugin_infos(pm)
     components: dict[tuple[str, str], Component] = {}

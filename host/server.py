@@ -23,12 +23,13 @@ from websockets.http11 import Response
 
 from host import __version__
 from host import sender as msg
-from host.contracts import SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
+from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
 from host.models import ModelManager
 from host.plugins import PluginSet, load_plugins
 from host.registry import call_quietly, heartbeat_loop
 from host.scheduler import Scheduler
+from host.schemas import problems, with_defaults
 from host.session import Session, SessionServices
 from host.session_config import ConfigError, parse_session_config, pick_engine
 from host.settings import Settings
@@ -95,7 +96,7 @@ class Worker:
         if not specs:
             raise EngineLoadError(errors)
         await self.models.load(specs)
-        self.registry = self._build_registry()
+        self.registry = await self._build_registry()
         self._heartbeat = asyncio.create_task(heartbeat_loop(
             self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s, self._stop,
         ))
@@ -132,20 +133,21 @@ class Worker:
             return self.settings.port
         return self._server.sockets[0].getsockname()[1]
 
-    def _build_registry(self):
+    async def _build_registry(self):
+        """The configured registry component, built off the event loop like every factory."""
         name = self.settings.registry
         component = self.plugins.component("registry", name)
         if component is None:
             raise StartupError(f"no registry plugin named {name!r} (loaded: {', '.join(self.plugins.names('registry'))})")
-        options = {"url": self.settings.redis_url} if name == "redis" else {}
-        from host.contracts import LoadContext
-        from host.schemas import problems, with_defaults
-
+        # Offer the worker-level settings a registry may declare; the TTL spans three heartbeats.
+        offered = {"url": self.settings.redis_url or None, "ttl_s": 3 * self.settings.heartbeat_s}
+        declared = component.options_schema.get("properties") or {}
+        options = {k: v for k, v in offered.items() if k in declared and v is not None}
         found = problems(component.options_schema, options)
         if found:
             raise StartupError(f"registry {name!r}: {found[0]}")
-        return component.factory(with_defaults(component.options_schema, options),
-                                 LoadContext(shared=self.models.shared, engine_id=""))
+        context = LoadContext(shared=self.models.shared, engine_id="")
+        return await asyncio.to_thread(component.factory, with_defaults(component.options_schema, options), context)
 
     # --- state for health and the registry ------------------------------------
 
@@ -179,6 +181,7 @@ class Worker:
             "engines": list(self.models.engines),
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "memory": self.models.memory(),
         }
         return (200 if self.status == READY else 503), body
 
@@ -234,14 +237,22 @@ class Worker:
 
     def _session_started(self, info: SessionInfo) -> None:
         log.info("session %s started: engine=%s model=%s", info.session_id, info.engine, info.config.get("model"))
-        self.plugins.hook.session_started(session=info)
+        _call_hook(self.plugins.hook.session_started, session=info)
 
     async def _session_ended(self, info: SessionInfo, record: SessionRecord) -> None:
         log.info("session %s ended: status=%s audio=%.1fs speech=%.1fs segments=%d",
                  record.session_id, record.status, record.audio_seconds, record.speech_seconds, record.segments)
-        self.plugins.hook.session_ended(session=info, record=record)
+        _call_hook(self.plugins.hook.session_ended, session=info, record=record)
         if self.registry is not None:
             await call_quietly("session_ended", self.registry.session_ended(record))
+
+
+def _call_hook(hook, **kwargs) -> None:
+    """Session hooks are observers: a failing plugin is logged and never breaks a session."""
+    try:
+        hook(**kwargs)
+    except Exception:  # noqa: BLE001
+        log.exception("%s hook failed", hook.name)
 
 
 def _json_response(status: int, body) -> Response:

@@ -1,7 +1,7 @@
 """One ``/session``: receiver → VAD → ASR → assembler → sender.
 
-Audio frames are decoded (:mod:`host.audio`) and endpointed (:mod:`host.vad`)
-in a worker thread, one frame at a time. Each finished utterance is submitted
+Audio frames are decoded on the event loop (:mod:`host.audio`: cheap numpy
+work) and endpointed in a worker thread (:mod:`host.vad`), one frame at a time. Each finished utterance is submitted
 to the model's inference queue at once; a chain of delivery tasks sends the
 finals strictly in utterance order, and ``flush.done``/``session.end`` join the
 same chain so they follow every final before them.

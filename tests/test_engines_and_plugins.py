@@ -16,7 +16,7 @@ from host.engines import load_engine_file, load_engines
 from host.plugins import load_plugins
 from host.wer import word_errors
 
-from .conftest import ENGINES, ROOT, WorkerProcess
+from .support import ENGINES, ROOT, WorkerProcess
 
 DEFAULT = yaml.safe_load((ENGINES / "whisper-streaming.yaml").read_text())
 

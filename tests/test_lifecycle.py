@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 
 from host.client import read_wav, session_url
 
-from .conftest import WorkerProcess, http_get
+from .support import WorkerProcess, http_get
 
 
 def test_health_is_503_starting_until_models_load(tmp_path):

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .conftest import http_get
+from .support import http_get
 
 
 async def recv_json(ws, timeout: float = 30.0) -> dict:
