@@ -162,9 +162,12 @@ class AsrModel(Protocol):
     """How many transcriptions this model can run at once (worker threads of its queue)."""
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, word_timestamps: bool
+        self, audio: np.ndarray, *, language: str | None, word_timestamps: bool, partial: bool = False
     ) -> AsrResult:
-        """Transcribe float32 16 kHz mono ``audio``. Blocking; the host calls it off the event loop."""
+        """Transcribe float32 16 kHz mono ``audio``. Blocking; the host calls it off the event loop.
+
+        ``partial=True`` asks for a cheap interim hypothesis of an utterance still in progress
+        (the text is all that is used); the final call uses the variant's own settings."""
         ...
 
 

@@ -40,6 +40,11 @@ ENDPOINTING_SCHEMA = {
             "type": "number", "minimum": 0, "maximum": 5, "default": 0.25,
             "description": "Speech shorter than this is a blip and is dropped.",
         },
+        "speculate_after_s": {
+            "type": "number", "minimum": 0, "maximum": 5, "default": 0.2,
+            "description": "Silence after which the utterance is decoded speculatively, so its final is "
+                           "ready when the endpoint fires (0: off). Never earlier than postroll_s.",
+        },
         "max_utterance_s": {
             "type": "number", "minimum": 1, "maximum": 60, "default": 30,
             "description": "Longer speech is cut (at its quietest recent window) and finalized.",
@@ -57,6 +62,7 @@ class EndpointingOptions:
     preroll_s: float = 0.3
     postroll_s: float = 0.2
     min_speech_s: float = 0.25
+    speculate_after_s: float = 0.2
     max_utterance_s: float = 30.0
 
     @classmethod
@@ -79,7 +85,15 @@ class SpeechEnd:
     """``silence``, ``max_length`` or ``flush``."""
 
 
-Event = SpeechStart | SpeechEnd
+@dataclass(frozen=True)
+class SpeechPause:
+    """Speech paused long enough to guess the utterance ends at ``sample`` (the SpeechEnd it would
+    get if no speech resumes before the endpoint)."""
+
+    sample: int
+
+
+Event = SpeechStart | SpeechEnd | SpeechPause
 
 _SILENCE, _PENDING, _SPEECH = "silence", "pending", "speech"
 _CUT_SEARCH_S = 3.0
@@ -99,6 +113,8 @@ class Endpointer:
         self._postroll = int(options.postroll_s * s)
         self._min_speech = int(options.min_speech_s * s)
         self._max_len = int(options.max_utterance_s * s)
+        self._speculate = int(max(options.speculate_after_s, options.postroll_s) * s) if options.speculate_after_s else 0
+        self._paused = False
         self.position = 0
         """Samples consumed so far."""
         self._state = _SILENCE
@@ -151,6 +167,8 @@ class Endpointer:
         else:
             self._recent.append((pos, p))
             self._track(p, end)
+            if self._silence_run == 0:
+                self._paused = False
             if self._silence_run >= self._endpoint:
                 events.append(self._close(min(self._last_speech_end + self._postroll, end), "silence"))
             elif end - self._start >= self._max_len:
@@ -159,6 +177,10 @@ class Endpointer:
                 events.append(self._close(cut, "max_length"))
                 self._open(cut, events)
                 self._recent = kept
+            elif (self._speculate and not self._paused and self._silence_run
+                  and end - self._last_speech_end >= self._speculate):
+                self._paused = True
+                events.append(SpeechPause(self._last_speech_end + self._postroll))
         return events
 
     def flush(self, upto: int = 0) -> list[Event]:
@@ -196,6 +218,7 @@ class Endpointer:
 
     def _open(self, start: int, events: list[Event]) -> None:
         self._state = _SPEECH
+        self._paused = False
         self._start = start
         self._silence_run = 0
         events.append(SpeechStart(start))

@@ -3,7 +3,10 @@
 Model inference never runs on the asyncio event loop. Each loaded ASR model has
 one :class:`InferenceQueue` with as many threads as the model can run at once;
 every session of every engine using that model submits to it. Jobs are served
-by priority (finals before partials), then in submission order.
+by priority (finals, then speculative finals, then partials), then in
+submission order. A job whose ``stale()`` answers True when its turn comes is
+skipped (its future is cancelled), so partials that nobody needs any more cost
+nothing; under overload partials wait behind every final and so slow down first.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 FINAL = 0
-PARTIAL = 1
+SPECULATIVE = 1
+PARTIAL = 2
 
 
 @dataclass(order=True)
@@ -31,6 +35,8 @@ class _Job:
     loop: asyncio.AbstractEventLoop = field(compare=False)
     future: asyncio.Future = field(compare=False)
     submitted: float = field(compare=False, default=0.0)
+    stale: Callable[[], bool] | None = field(compare=False, default=None)
+    started: bool = field(compare=False, default=False)
 
 
 class InferenceQueue:
@@ -44,6 +50,7 @@ class InferenceQueue:
         self._workers: list[threading.Thread] = []
         self.busy = 0
         self.completed = 0
+        self.skipped = 0
         self.busy_seconds = 0.0
 
     def start(self) -> None:
@@ -64,12 +71,13 @@ class InferenceQueue:
         """Jobs waiting (not yet running)."""
         return self._queue.qsize()
 
-    def submit(self, fn: Callable[[], Any], priority: int = FINAL) -> asyncio.Future:
-        """Queue ``fn`` and return an asyncio future for its result (call from the event loop)."""
+    def submit(self, fn: Callable[[], Any], priority: int = FINAL,
+               stale: Callable[[], bool] | None = None) -> "Ticket":
+        """Queue ``fn``; the ticket's future resolves with its result (call from the event loop)."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put(_Job(priority, next(self._seq), fn, loop, fut, time.monotonic()))
-        return fut
+        job = _Job(priority, next(self._seq), fn, loop, loop.create_future(), time.monotonic(), stale)
+        self._queue.put(job)
+        return Ticket(job)
 
     def _work(self) -> None:
         while True:
@@ -78,6 +86,11 @@ class InferenceQueue:
                 return
             if job.future.cancelled():
                 continue
+            if job.stale is not None and job.stale():
+                job.loop.call_soon_threadsafe(job.future.cancel)
+                self.skipped += 1
+                continue
+            job.started = True
             self.busy += 1
             t0 = time.perf_counter()
             try:
@@ -92,6 +105,24 @@ class InferenceQueue:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             except RuntimeError:
                 pass  # the loop is closed: nobody is waiting any more
+
+
+class Ticket:
+    """A queued job: its future, and whether a worker thread has picked it up."""
+
+    def __init__(self, job: _Job):
+        self._job = job
+        self.future = job.future
+
+    @property
+    def started(self) -> bool:
+        return self._job.started
+
+    def cancel(self) -> bool:
+        """Withdraw the job if no thread has started it; True if withdrawn."""
+        if self._job.started:
+            return False
+        return self.future.cancel()
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -123,6 +154,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         return {
-            q.name: {"threads": q.threads, "waiting": q.depth, "running": q.busy, "completed": q.completed}
+            q.name: {"threads": q.threads, "waiting": q.depth, "running": q.busy, "completed": q.completed,
+                     "skipped": q.skipped}
             for q in self.queues.values()
         }

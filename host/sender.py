@@ -34,6 +34,11 @@ def speech_end(timestamp: float) -> dict[str, Any]:
     return {"type": "vad.speech_end", "timestamp": round(timestamp, 3)}
 
 
+def transcript_partial(utterance_id: int, text: str, start: float, end: float) -> dict[str, Any]:
+    return {"type": "transcript.partial", "utterance_id": utterance_id, "text": text,
+            "start": round(start, 3), "end": round(end, 3)}
+
+
 def transcript_final(segment: Segment, with_words: bool) -> dict[str, Any]:
     msg = {
         "type": "transcript.final",

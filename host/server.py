@@ -68,6 +68,9 @@ class Worker:
             scheduler=self.scheduler,
             vad_executor=self._vad_executor,
             max_frame_bytes=settings.max_frame_bytes,
+            partial_interval_s=settings.partial_interval_s,
+            lag_warning_s=settings.lag_warning_s,
+            lag_limit_s=settings.lag_limit_s,
             on_started=self._session_started,
             on_ended=self._session_ended,
         )

@@ -24,9 +24,10 @@ import numpy as np
 from host import sender as msg
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
-from host.endpointing import Event, SpeechEnd, SpeechStart
+from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechStart
 from host.models import LoadedEngine
-from host.scheduler import FINAL, Scheduler
+from host.partials import LocalAgreement
+from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
 from host.sender import Sender
 from host.session_config import ConfigError, SessionConfig, check_language
 from host.vad import VadStage
@@ -42,6 +43,12 @@ class SessionServices:
     scheduler: Scheduler
     vad_executor: Executor
     max_frame_bytes: int
+    partial_interval_s: float
+    """New audio (seconds) between two partial requests of an open utterance."""
+    lag_warning_s: float
+    """A final waiting this long after its endpoint triggers a processing_lag warning."""
+    lag_limit_s: float
+    """...and this long ends the session with a processing_lag error."""
     on_started: Callable[[SessionInfo], None]
     on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]]
 
@@ -68,6 +75,13 @@ class Session:
         self._lock = asyncio.Lock()  # one pipeline step at a time (frames, control, finish)
         self._tail: asyncio.Task | None = None
         self._utterance: tuple[int, int] | None = None  # (id, start sample) of the open utterance
+        self._agreement = LocalAgreement()
+        self._partial_ticket: Ticket | None = None  # at most one partial in flight per session
+        self._partial_from = 0  # buffer position the last partial request covered
+        self._speculative: tuple[int, int, Ticket] | None = None  # (utterance id, end sample, job)
+        self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
+        self._lag_warned: set[int] = set()
+        self._lagging = False
         self._next_utterance = 0
         self._finished = False
         self._status = "completed"
@@ -153,6 +167,24 @@ class Session:
         async with self._lock:
             if not self._finished:
                 await self._process(samples)
+        await self._check_lag()
+
+    async def _check_lag(self) -> None:
+        """Warn when finals fall behind; past the hard limit end the session rather than drift."""
+        if not self._awaiting or self._finished:
+            return
+        now = time.monotonic()
+        uid, since = min(self._awaiting.items(), key=lambda item: item[1])
+        lag = now - since
+        if lag >= self.services.lag_limit_s:
+            self._status, self._error = "error", f"processing_lag {lag:.1f} s"
+            await self._report("processing_lag", f"transcription is {lag:.1f} s behind the audio "
+                               f"(limit {self.services.lag_limit_s:g} s); ending the session", recoverable=False)
+            await self.finish(1013, "Processing lag")
+        elif lag >= self.services.lag_warning_s and uid not in self._lag_warned:
+            self._lag_warned.add(uid)
+            await self.out.send(msg.warning("processing_lag", f"the final of utterance {uid} is "
+                                            f"{lag:.1f} s late", lag_s=round(lag, 2)))
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -209,14 +241,19 @@ class Session:
         events = await loop.run_in_executor(self.services.vad_executor, self.vad.feed, samples)
         await self._handle(events)
         self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
+        self._request_partial()
 
     async def _handle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, SpeechStart):
                 self._utterance = (self._next_utterance, event.sample)
                 self._next_utterance += 1
+                self._agreement = LocalAgreement()
+                self._partial_from = event.sample
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
+            elif isinstance(event, SpeechPause) and self._utterance is not None:
+                self._speculate(event.sample)
             elif isinstance(event, SpeechEnd) and self._utterance is not None:
                 uid, start = self._utterance
                 self._utterance = None
@@ -224,14 +261,36 @@ class Session:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
                 if event.reason != "clear":
                     self._finalize(Utterance(uid, start / SAMPLE_RATE, event.sample / SAMPLE_RATE),
-                                   self.buffer.slice(start, event.sample))
+                                   start, event.sample)
+                elif self._speculative is not None:
+                    self._speculative[2].cancel()
+                    self._speculative = None
 
-    def _finalize(self, utterance: Utterance, audio: np.ndarray) -> None:
-        self.speech_seconds += utterance.end - utterance.start
+    def _transcribe_job(self, audio: np.ndarray, partial_: bool = False):
         language = None if self.language == "auto" else self.language
-        job = partial(self.model.transcribe, audio, language=language, word_timestamps=True)
-        future = self.queue.submit(job, FINAL)
-        self._chain(self._deliver_final(utterance, future))
+        return partial(self.model.transcribe, audio, language=language, word_timestamps=not partial_,
+                       partial=partial_)
+
+    def _speculate(self, end: int) -> None:
+        """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
+        uid, start = self._utterance
+        if self._speculative is not None:
+            self._speculative[2].cancel()
+        ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end)), SPECULATIVE)
+        self._speculative = (uid, end, ticket)
+
+    def _finalize(self, utterance: Utterance, start: int, end: int) -> None:
+        self.speech_seconds += utterance.end - utterance.start
+        ticket = None
+        if self._speculative is not None:
+            spec_uid, spec_end, spec = self._speculative
+            self._speculative = None
+            if (spec_uid, spec_end) == (utterance.id, end) and not spec.cancel():
+                ticket = spec  # already decoding or decoded exactly this audio: reuse it
+        if ticket is None:
+            ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end)), FINAL)
+        self._awaiting[utterance.id] = time.monotonic()
+        self._chain(self._deliver_final(utterance, ticket.future))
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:
@@ -241,9 +300,44 @@ class Session:
             await self._report("internal_error", f"transcription of utterance {utterance.id} failed: "
                                f"{type(exc).__name__}", recoverable=True)
             return
+        finally:
+            self._awaiting.pop(utterance.id, None)
         segment = self.transcript.add(utterance, result)
         if segment is not None:
             await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
+
+    def _request_partial(self) -> None:
+        """Ask for a partial of the open utterance when enough new audio came since the last one."""
+        if not self.config.interim_results or self._utterance is None or self._finished:
+            return
+        if self._partial_ticket is not None:
+            return  # one in flight; the next is asked for when it returns
+        uid, start = self._utterance
+        pos = self.buffer.end
+        first = self._partial_from == start
+        if not first and pos - self._partial_from < self.services.partial_interval_s * SAMPLE_RATE:
+            return
+        self._partial_from = pos
+        ticket = self.queue.submit(
+            self._transcribe_job(self.buffer.slice(start, pos), partial_=True), PARTIAL,
+            stale=lambda: self._utterance is None or self._utterance[0] != uid,
+        )
+        self._partial_ticket = ticket
+        asyncio.create_task(self._deliver_partial(uid, start, pos, ticket))
+
+    async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket) -> None:
+        try:
+            result = await ticket.future
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a skipped or failed partial is just dropped
+            result = None
+        finally:
+            self._partial_ticket = None
+        # Only while its utterance is still open: a partial never follows its speech_end or final.
+        if result is not None and self._utterance is not None and self._utterance[0] == uid:
+            text = self._agreement.update(result.text)
+            if text:
+                await self.out.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
+        self._request_partial()
 
     def _after_finals(self, send: Callable[[], Awaitable[Any]]) -> None:
         self._chain(send())

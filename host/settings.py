@@ -27,6 +27,9 @@ class Settings:
     """Registry plugin name; default ``redis`` when a Redis URL is set, else ``memory``."""
     heartbeat_s: float = 10.0
     max_frame_bytes: int = 1 << 20
+    partial_interval_s: float = 0.5
+    lag_warning_s: float = 3.0
+    lag_limit_s: float = 15.0
     vad_threads: int = 0
     """Threads for per-frame VAD work (0: one per CPU core)."""
     log_level: str = "INFO"
@@ -53,6 +56,9 @@ ENV = {
     "registry": ("ENGINE_HOST_REGISTRY", "registry plugin to use (default: redis if REDIS_URL is set, else memory)"),
     "heartbeat_s": ("HEARTBEAT_INTERVAL_S", "seconds between registry heartbeats"),
     "max_frame_bytes": ("MAX_FRAME_BYTES", "largest audio frame accepted; larger ones get error frame_too_large"),
+    "partial_interval_s": ("PARTIAL_INTERVAL_S", "seconds of new speech between two transcript.partial decodes"),
+    "lag_warning_s": ("LAG_WARNING_S", "a final this late after its endpoint sends warning processing_lag"),
+    "lag_limit_s": ("LAG_LIMIT_S", "a final this late ends the session with error processing_lag"),
     "vad_threads": ("VAD_THREADS", "threads for VAD work (0: one per CPU core)"),
     "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
 }

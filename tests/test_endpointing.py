@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 
 from host.client import read_wav
-from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechStart
+from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechPause, SpeechStart
 
 W = 512  # 32 ms windows
 SR = 16000
 
 
-def run(probs, **opts):
+def run(probs, pauses=False, **opts):
     ep = Endpointer(EndpointingOptions(**opts), W)
     events = []
     for p in probs:
         events.extend(ep.push(p))
+    if not pauses:
+        events = [e for e in events if not isinstance(e, SpeechPause)]
     return ep, events
 
 
@@ -33,6 +35,26 @@ def test_speech_then_silence_gives_one_utterance_with_preroll():
     speech_end = onset + windows(1.0) * W
     assert events[1].sample == speech_end + int(0.2 * SR)
     assert events[1].reason == "silence"
+
+
+def test_pause_predicts_the_endpoint_it_precedes():
+    probs = [0.9] * windows(1.0) + [0.0] * windows(1.0)
+    _, events = run(probs, pauses=True, speculate_after_s=0.2, postroll_s=0.2, endpoint_silence_s=0.5)
+    assert [type(e) for e in events] == [SpeechStart, SpeechPause, SpeechEnd]
+    assert events[1].sample == events[2].sample
+
+
+def test_resumed_speech_gets_a_new_pause():
+    probs = [0.9] * windows(1.0) + [0.0] * windows(0.3) + [0.9] * windows(1.0) + [0.0] * windows(1.0)
+    _, events = run(probs, pauses=True, speculate_after_s=0.2, endpoint_silence_s=0.5)
+    kinds = [type(e) for e in events]
+    assert kinds == [SpeechStart, SpeechPause, SpeechPause, SpeechEnd]
+    assert events[1].sample < events[2].sample == events[3].sample
+
+
+def test_speculation_off():
+    _, events = run([0.9] * windows(1.0) + [0.0] * windows(1.0), pauses=True, speculate_after_s=0)
+    assert not [e for e in events if isinstance(e, SpeechPause)]
 
 
 def test_endpoint_waits_for_endpoint_silence():

@@ -23,6 +23,35 @@ from host.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
 
+FRAMES_PER_S = 100  # Whisper log-mel frames per second of audio
+
+
+def _bucketed_model_class():
+    """WhisperModel whose encoder sees only as many frames as the audio needs, in fixed buckets.
+
+    faster-whisper always pads features to 30 s. The encoder accepts shorter windows; padding to
+    the next multiple of 10 s (with 2.5 s of margin) kept WER on the dev set (13.3 % vs 13.5 %)
+    at 2.3x less compute (bench/encoder_buckets.py). The padded part of the features is exactly
+    zero, so the content length is read from the features themselves: no per-call state.
+    """
+    from faster_whisper import WhisperModel
+
+    class BucketedWhisperModel(WhisperModel):
+        bucket_frames: int | None = None
+        margin_frames: int = 250
+
+        def encode(self, features):
+            if self.bucket_frames:
+                frames = features if features.ndim == 2 else features[0]
+                nonzero = np.flatnonzero(np.any(frames != 0, axis=0))
+                content = int(nonzero[-1]) + 1 if nonzero.size else 0
+                bucket = self.bucket_frames
+                target = max(bucket, -(-(content + self.margin_frames) // bucket) * bucket)
+                features = features[..., : min(target, features.shape[-1])]
+            return super().encode(features)
+
+    return BucketedWhisperModel
+
 VARIANT_SCHEMA = {
     "type": "object",
     "required": ["path"],
@@ -44,6 +73,15 @@ VARIANT_SCHEMA = {
                         "description": "Temperature fallback sequence."},
         "no_speech_threshold": {"type": ["number", "null"], "default": 0.6},
         "initial_prompt": {"type": ["string", "null"], "default": None},
+        "encoder_bucket_s": {
+            "type": ["number", "null"], "minimum": 5, "maximum": 30, "default": 10,
+            "description": "Encode audio padded to the next multiple of this many seconds instead of "
+                           "always 30 s (null: always 30 s). Whisper's cost is dominated by the encoder.",
+        },
+        "encoder_margin_s": {
+            "type": "number", "minimum": 0, "maximum": 10, "default": 2.5,
+            "description": "Silence the encoder window keeps after the audio (shorter margins lost accuracy).",
+        },
     },
     "additionalProperties": False,
 }
@@ -102,20 +140,26 @@ class WhisperVariant:
     no_speech_threshold: float | None
     initial_prompt: str | None
 
-    def transcribe(self, audio: np.ndarray, *, language: str | None, word_timestamps: bool) -> AsrResult:
+    def transcribe(
+        self, audio: np.ndarray, *, language: str | None, word_timestamps: bool, partial: bool = False
+    ) -> AsrResult:
         if not self.model.model.is_multilingual:
             language = "en"
+        if partial:
+            # A hypothesis that the next one replaces: greedy, one temperature, no timestamps.
+            settings = dict(beam_size=1, best_of=1, temperature=[0.0], word_timestamps=False,
+                            without_timestamps=True)
+        else:
+            settings = dict(beam_size=self.beam_size, best_of=self.best_of, temperature=self.temperature,
+                            word_timestamps=word_timestamps)
         segments, info = self.model.transcribe(
             audio,
             language=language,
-            beam_size=self.beam_size,
-            best_of=self.best_of,
-            temperature=self.temperature,
             no_speech_threshold=self.no_speech_threshold,
             initial_prompt=self.initial_prompt,
-            word_timestamps=word_timestamps,
             condition_on_previous_text=False,
             vad_filter=False,
+            **settings,
         )
         words: list[Word] = []
         texts = []
@@ -142,16 +186,16 @@ class FasterWhisperEngine:
 
 
 def build(options: dict, context) -> FasterWhisperEngine:
-    from faster_whisper import WhisperModel
-
+    WhisperModel = _bucketed_model_class()
     variants = {}
     devices = set()
     for name, opts in options["models"].items():
         path = resolve_model_path(opts["path"])
         device = resolve_device(opts["device"])
         devices.add(device)
+        bucket = opts["encoder_bucket_s"]
         key = ("faster-whisper", str(path), device, opts["device_index"], opts["compute_type"],
-               opts["cpu_threads"], opts["num_workers"])
+               opts["cpu_threads"], opts["num_workers"], bucket, opts["encoder_margin_s"])
 
         def load(path=path, device=device, opts=opts):
             log.info("loading %s on %s (%s)", path, device, opts["compute_type"])
@@ -159,6 +203,8 @@ def build(options: dict, context) -> FasterWhisperEngine:
                 str(path), device=device, device_index=opts["device_index"], compute_type=opts["compute_type"],
                 cpu_threads=opts["cpu_threads"], num_workers=opts["num_workers"], local_files_only=True,
             )
+            model.bucket_frames = int(bucket * FRAMES_PER_S) if bucket else None
+            model.margin_frames = int(opts["encoder_margin_s"] * FRAMES_PER_S)
             if options.get("warmup", True):
                 list(model.transcribe(np.zeros(16000, dtype=np.float32), language="en" if not model.model.is_multilingual else None,
                                       beam_size=1, word_timestamps=True, vad_filter=False)[0])
