@@ -84,6 +84,7 @@ class Session:
         self._lagging = False
         self._next_utterance = 0
         self._finished = False
+        self._finishing: asyncio.Future | None = None
         self._status = "completed"
         self._error: str | None = None
 
@@ -93,6 +94,7 @@ class Session:
         """Serve the connection until ``end``, a disconnect, or :meth:`stop`."""
         self.services.on_started(self.info)
         await self.out.send(msg.session_begin(self.id, self.engine.id, self.config.public()))
+        watchdog = asyncio.create_task(self._watch_lag())
         try:
             async for message in self._ws:
                 if isinstance(message, bytes):
@@ -109,6 +111,7 @@ class Session:
         finally:
             # Disconnect without `end`: still finalize and record what was said.
             await self.finish(1000 if self._status == "completed" else 1011)
+            watchdog.cancel()
             record = self.record()
             await self.services.on_ended(self.info, record)
 
@@ -117,7 +120,15 @@ class Session:
         await self.finish(code, reason)
 
     async def finish(self, code: int = 1000, reason: str = "") -> None:
-        """Finalize open speech, wait for every final, send session.end and close. Idempotent."""
+        """Finalize open speech, wait for every final, send session.end and close.
+
+        Idempotent: later and concurrent callers wait for the first one's work, which
+        cancelling a waiter does not interrupt."""
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish(code, reason))
+        await asyncio.shield(self._finishing)
+
+    async def _finish(self, code: int, reason: str) -> None:
         async with self._lock:
             if self._finished:
                 return
@@ -168,6 +179,12 @@ class Session:
             if not self._finished:
                 await self._process(samples)
         await self._check_lag()
+
+    async def _watch_lag(self, every_s: float = 0.25) -> None:
+        """Check the lag between frames too: a client may stop sending while finals fall behind."""
+        while not self._finished:
+            await asyncio.sleep(every_s)
+            await self._check_lag()
 
     async def _check_lag(self) -> None:
         """Warn when finals fall behind; past the hard limit end the session rather than drift."""
