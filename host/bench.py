@@ -4,24 +4,34 @@ Each stream is the manifest's utterances (stream k starts at utterance k) joined
 by ``--gap`` seconds of silence, sent in ``--chunk`` frames at ``--speed`` ×
 real time (a frame leaves once its audio has "happened", like a microphone).
 
-Final latency is measured from the moment the endpoint silence has elapsed in
-the sent audio (``speech_end + endpoint_silence_s - postroll_s``, from the
-engine's endpointing settings) to the arrival of ``transcript.final``.
+- final latency: from the moment the endpoint silence has elapsed in the sent
+  audio (``speech_end + endpoint_silence_s - postroll_s``, from the engine's
+  endpointing settings) to the arrival of ``transcript.final``;
+- first-partial latency: from the speech onset in the sent audio
+  (``speech_start + preroll_s``) to the arrival of the utterance's first
+  ``transcript.partial``;
+- WER of the streamed transcripts against the references, and of offline
+  faster-whisper on the same utterances and model (``--offline``);
+- CPU and RSS of the worker process (when the bench started it, or ``--pid``).
+
+A level of N streams is *real-time* when final latency p95 ≤ ``--max-p95``
+and no session got a processing_lag warning or error.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import json
 import os
-import statistics
+import platform
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +52,37 @@ class Item:
 
 @dataclass
 class StreamStats:
-    wer_errors: int = 0
-    wer_words: int = 0
-    final_latencies: list[float] = field(default_factory=list)
-    decode_latencies: list[float] = field(default_factory=list)
-    """From the arrival of vad.speech_end to the arrival of its final."""
-    errors: list[str] = field(default_factory=list)
     audio_seconds: float = 0.0
+    wer: WerCounts = field(default_factory=lambda: WerCounts(0, 0))
+    final_latencies: list[float] = field(default_factory=list)
+    first_partial_latencies: list[float] = field(default_factory=list)
+    partials: int = 0
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Progress:
+    """Seconds of audio sent so far over all streams, drawn as a bar on stderr."""
+
+    total: float
+    label: str = ""
+    sent: float = 0.0
+    _last: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.sent += seconds
+        now = time.monotonic()
+        if now - self._last >= (0.2 if sys.stderr.isatty() else 10.0) or self.sent >= self.total:
+            self._last = now
+            self.draw()
+
+    def draw(self) -> None:
+        frac = min(1.0, self.sent / self.total) if self.total else 1.0
+        bar = "#" * int(frac * 30)
+        end = "\r" if sys.stderr.isatty() and frac < 1 else "\n"
+        sys.stderr.write(f"{self.label} [{bar:<30}] {frac * 100:5.1f}% of {self.total:.0f} s audio{end}")
+        sys.stderr.flush()
 
 
 def load_manifest(path: Path, limit: int | None) -> list[Item]:
@@ -68,28 +102,31 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-async def run_stream(url: str, items: list[Item], gap: float, chunk: float, speed: float | None,
-                     endpoint_delay: float) -> StreamStats:
-    audio = concat(*[part for it in items for part in (it.audio, silence(gap))])
-    result = await stream(url, audio, chunk_s=chunk, speed=speed)
-    stats = StreamStats(audio_seconds=audio.seconds)
-    reference = " ".join(it.reference for it in items)
-    counts = word_errors(reference, result.end["transcript"] if result.end else "")
-    stats.wer_errors, stats.wer_words = counts.errors, counts.words
-    speech_end_at: dict[int, tuple[float, float]] = {}
+def analyse(result, reference: str, speed: float | None, endpointing: dict[str, Any]) -> StreamStats:
+    """Latencies, WER and problems of one streamed session."""
+    stats = StreamStats()
+    stats.wer = word_errors(reference, result.end["transcript"] if result.end else "")
+    endpoint_delay = endpointing.get("endpoint_silence_s", 0.5) - endpointing.get("postroll_s", 0.0)
+    preroll = endpointing.get("preroll_s", 0.0)
+    onset_at: dict[int, float] = {}
+    end_at: dict[int, float] = {}
     utterance = -1
     for message, arrived in zip(result.messages, result.received_at):
         kind = message["type"]
         if kind == "vad.speech_start":
             utterance += 1
+            onset_at[utterance] = message["timestamp"] + preroll
         elif kind == "vad.speech_end":
-            speech_end_at[utterance] = (message["timestamp"], arrived)
-        elif kind == "transcript.final" and message["utterance_id"] in speech_end_at:
-            timestamp, end_arrived = speech_end_at[message["utterance_id"]]
-            stats.decode_latencies.append(arrived - end_arrived)
-            if speed:
-                endpoint_wall = result.started_at + (timestamp + endpoint_delay) / speed
-                stats.final_latencies.append(arrived - endpoint_wall)
+            end_at[utterance] = message["timestamp"] + endpoint_delay
+        elif kind == "transcript.partial":
+            stats.partials += 1
+            uid = message["utterance_id"]
+            if speed and uid in onset_at:
+                stats.first_partial_latencies.append(arrived - (result.started_at + onset_at.pop(uid) / speed))
+        elif kind == "transcript.final" and speed and message["utterance_id"] in end_at:
+            stats.final_latencies.append(arrived - (result.started_at + end_at[message["utterance_id"]] / speed))
+        elif kind == "warning":
+            stats.warnings.append(message["code"])
         elif kind == "error":
             stats.errors.append(message["code"])
     if result.end is None:
@@ -97,9 +134,17 @@ async def run_stream(url: str, items: list[Item], gap: float, chunk: float, spee
     return stats
 
 
-def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subprocess.Popen, str, float]:
-    import socket
+async def run_stream(url: str, items: list[Item], args, endpointing: dict, progress: Progress) -> StreamStats:
+    audio = concat(*[part for it in items for part in (it.audio, silence(args.gap))])
+    rate = audio.sample_rate * 2 * audio.channels
+    result = await stream(url, audio, chunk_s=args.chunk, speed=args.speed,
+                          on_sent=lambda n: progress.add(n / rate))
+    stats = analyse(result, " ".join(it.reference for it in items), args.speed, endpointing)
+    stats.audio_seconds = audio.seconds
+    return stats
 
+
+def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subprocess.Popen, str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -108,10 +153,10 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
     if engines_dir:
         args += ["--engines-dir", str(engines_dir)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile())
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"worker exited with {proc.returncode}")
+            raise SystemExit(f"the worker exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
@@ -120,96 +165,174 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
             time.sleep(0.05)
 
 
-def engine_endpointing(url: str, engine: str | None) -> dict[str, Any]:
-    http = url.replace("ws://", "http://").replace("wss://", "https://").split("/session")[0]
-    with urllib.request.urlopen(http.rstrip("/") + "/engines", timeout=5) as r:
+def fetch_engine(url: str, engine: str | None) -> dict[str, Any]:
+    http = url.replace("ws://", "http://").replace("wss://", "https://").split("/session")[0].rstrip("/")
+    with urllib.request.urlopen(http + "/engines", timeout=5) as r:
         engines = json.loads(r.read())
-    chosen = next((e for e in engines if e["id"] == engine), engines[0])
-    return chosen.get("endpointing") or {}
+    return next((e for e in engines if e["id"] == engine), engines[0])
 
 
-async def bench_once(url: str, items: list[Item], streams: int, args, pid: int | None) -> dict[str, Any]:
-    ep = engine_endpointing(url, args.engine)
-    endpoint_delay = ep.get("endpoint_silence_s", 0.5) - ep.get("postroll_s", 0.0)
-    params = dict(engine=args.engine, model=args.model, interim_results=not args.no_partials or None)
+async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
+                      proc: psutil.Process | None) -> dict[str, Any]:
+    params = dict(engine=args.engine, model=args.model, interim_results=False if args.no_partials else None)
     surl = session_url(url, **{k: v for k, v in params.items() if v is not None})
-    proc = psutil.Process(pid) if pid else None
+    per_stream = [items[k % len(items):] + items[:k % len(items)] for k in range(n)]
+    total_audio = n * sum(it.audio.seconds + args.gap for it in items)
+    progress = Progress(total_audio, label=f"{n:3d} stream(s)")
+    rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
     t0 = time.monotonic()
-    per_stream = [items[k % len(items):] + items[:k % len(items)] for k in range(streams)]
-    results = await asyncio.gather(*(run_stream(surl, s, args.gap, args.chunk, args.speed, endpoint_delay)
-                                     for s in per_stream))
+    results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress) for s in per_stream))
     wall = time.monotonic() - t0
+    progress.sent = progress.total
+    progress.draw()
     cpu = proc.cpu_percent(None) if proc else None
     rss = proc.memory_info().rss if proc else None
     finals = [x for r in results for x in r.final_latencies]
-    decodes = [x for r in results for x in r.decode_latencies]
-    total = WerCounts(sum(r.wer_errors for r in results), sum(r.wer_words for r in results))
-    audio = sum(r.audio_seconds for r in results)
+    partials = [x for r in results for x in r.first_partial_latencies]
+    wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
+    lag = sum(1 for r in results for w in r.warnings + r.errors if w == "processing_lag")
+    errors = sorted({e for r in results for e in r.errors})
+    p95 = percentile(finals, 0.95)
     return {
-        "streams": streams,
-        "audio_seconds": round(audio, 1),
+        "streams": n,
+        "audio_seconds": round(sum(r.audio_seconds for r in results), 1),
         "wall_seconds": round(wall, 1),
+        "finals": len(finals),
         "final_latency_p50": _r(percentile(finals, 0.5)),
-        "final_latency_p95": _r(percentile(finals, 0.95)),
-        "decode_latency_p50": _r(percentile(decodes, 0.5)),
-        "decode_latency_p95": _r(percentile(decodes, 0.95)),
-        "finals": len(finals) if args.speed else len(decodes),
-        "wer": round(total.wer, 4),
+        "final_latency_p95": _r(p95),
+        "first_partial_latency_p50": _r(percentile(partials, 0.5)),
+        "first_partial_latency_p95": _r(percentile(partials, 0.95)),
+        "partials": sum(r.partials for r in results),
+        "wer": round(wer.wer, 4),
         "cpu_percent": cpu,
-        "rss_mib": round(rss / 2**20, 1) if rss else None,
-        "errors": sorted({e for r in results for e in r.errors}),
+        "rss_mib": _mib(rss),
+        "rss_growth_mib": _mib(rss - rss_before) if rss and rss_before else None,
+        "lag_events": lag,
+        "errors": errors,
+        "realtime": bool(finals) and p95 is not None and p95 <= args.max_p95 and lag == 0 and not errors,
     }
+
+
+def offline_wer(items: list[Item], engine: dict[str, Any], model: str | None, engines_dir: Path | None) -> dict:
+    """faster-whisper's own transcribe() (30 s windows) on each utterance, with the variant's model and beam."""
+    import numpy as np
+    from faster_whisper import WhisperModel
+
+    from host.engines import load_engines
+    from host.plugins import load_plugins
+
+    specs, _ = load_engines(engines_dir or Path(os.environ.get("ENGINES_DIR", "engines.d")), load_plugins())
+    spec = next((s for s in specs if s.id == engine["id"]), None)
+    if spec is None or spec.pipeline["asr"].plugin != "faster-whisper":
+        return {"wer": None, "note": "offline baseline needs the engine's faster-whisper config"}
+    from engine_host_asr_faster_whisper import resolve_model_path
+
+    variant = spec.pipeline["asr"].options["models"][model or spec.models[0]]
+    fw = WhisperModel(str(resolve_model_path(variant["path"])), device="cpu", compute_type=variant["compute_type"],
+                      cpu_threads=1)
+    total, spent = WerCounts(0, 0), 0.0
+    for it in items:
+        x = np.frombuffer(it.audio.pcm, "<i2").astype(np.float32) / 32768
+        t0 = time.perf_counter()
+        segments, _ = fw.transcribe(x, language="en" if not fw.model.is_multilingual else None,
+                                    beam_size=variant["beam_size"])
+        text = " ".join(s.text for s in segments)
+        spent += time.perf_counter() - t0
+        total += word_errors(it.reference, text)
+    return {"wer": round(total.wer, 4), "compute_seconds": round(spent, 1),
+            "settings": f"{variant['compute_type']}, beam {variant['beam_size']}, 30 s windows, 1 thread"}
+
+
+def main(args) -> int:
+    items = load_manifest(Path(args.manifest), args.limit)
+    levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.streams]
+    worker, url, startup = None, args.url, None
+    if not url:
+        worker, url, startup = start_worker(args.engines_dir, max(levels))
+    proc = psutil.Process(worker.pid if worker else args.pid) if (worker or args.pid) else None
+    try:
+        engine = fetch_engine(url, args.engine)
+        report: dict[str, Any] = {
+            "machine": machine(), "engine": engine["id"], "model": args.model or "default",
+            "manifest": str(args.manifest), "utterances": len(items), "speed": args.speed, "chunk_s": args.chunk,
+            "gap_s": args.gap, "interim_results": not args.no_partials, "startup_seconds": _r(startup),
+            "idle_rss_mib": _mib(proc.memory_info().rss) if proc else None, "runs": [],
+        }
+        for n in levels:
+            row = asyncio.run(bench_level(url, items, n, args, engine.get("endpointing") or {}, proc))
+            report["runs"].append(row)
+        ok = [r["streams"] for r in report["runs"] if r["realtime"]]
+        report["max_realtime_streams"] = max(ok) if ok else 0
+        if args.offline:
+            report["offline"] = offline_wer(items, engine, args.model, args.engines_dir)
+            offline = report["offline"].get("wer")
+            for row in report["runs"]:
+                row["wer_vs_offline"] = round(row["wer"] / offline, 3) if offline else None
+    finally:
+        if worker:
+            worker.terminate()
+            worker.wait(30)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def table(report: dict[str, Any]) -> str:
+    cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
+            ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
+            ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"), ("rss_mib", "RSS MiB"),
+            ("lag_events", "lag"), ("realtime", "real-time")]
+    lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
+             f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "
+             f"{report['machine']['cores']} cores"]
+    if report.get("startup_seconds") is not None:
+        lines.append(f"worker start-up to healthy {report['startup_seconds']} s, idle RSS {report['idle_rss_mib']} MiB")
+    lines.append("  ".join(f"{h:>11}" for _, h in cols))
+    for row in report["runs"]:
+        lines.append("  ".join(f"{'-' if row.get(k) is None else row.get(k)!s:>11}" for k, _ in cols))
+    if "offline" in report:
+        lines.append(f"offline faster-whisper WER {report['offline'].get('wer')} ({report['offline'].get('settings', '')})")
+    lines.append(f"largest real-time level: {report['max_realtime_streams']} stream(s)")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version()}
 
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def main(args) -> int:
-    items = load_manifest(Path(args.manifest), args.limit)
-    levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.streams]
-    proc = None
-    startup = None
-    url = args.url
-    if not url:
-        proc, url, startup = start_worker(args.engines_dir, max(levels))
-    try:
-        report = {"machine": machine(), "startup_seconds": _r(startup), "speed": args.speed, "chunk_s": args.chunk,
-                  "runs": []}
-        for n in levels:
-            row = asyncio.run(bench_once(url, items, n, args, proc.pid if proc else None))
-            report["runs"].append(row)
-            if not args.json:
-                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        if args.json:
-            print(json.dumps(report, indent=2))
-    finally:
-        if proc:
-            proc.terminate()
-            proc.wait(30)
-    return 0
-
-
-def machine() -> dict[str, Any]:
-    import platform
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="default: ../shared/speech/manifest.tsv")
     p.add_argument("--limit", type=int, default=None, help="use the first N manifest rows")
     p.add_argument("--url", help="a running worker (default: start one)")
+    p.add_argument("--pid", type=int, default=None, help="the running worker's pid, for CPU and RSS")
     p.add_argument("--engines-dir", type=Path, default=None)
     p.add_argument("--streams", type=int, default=1)
-    p.add_argument("--sweep", help="comma-separated stream counts, e.g. 1,2,4")
+    p.add_argument("--sweep", help="comma-separated stream counts, e.g. 1,2,4,8,16")
     p.add_argument("--speed", type=float, default=1.0, help="× real time (0: as fast as possible)")
     p.add_argument("--chunk", type=float, default=0.05, help="frame length in seconds")
     p.add_argument("--gap", type=float, default=1.0, help="silence between utterances (s)")
+    p.add_argument("--max-p95", type=float, default=1.0, help="final p95 (s) a real-time level may reach")
     p.add_argument("--engine")
     p.add_argument("--model")
-    p.add_argument("--no-partials", action="store_true")
+    p.add_argument("--no-partials", action="store_true", help="interim_results=false")
+    p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score offline faster-whisper on the same utterances and model")
     p.add_argument("--json", action="store_true")

@@ -102,6 +102,7 @@ async def stream(
     end: bool = True,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     chunks: list[bytes] | None = None,
+    on_sent: Callable[[int], None] | None = None,
 ) -> StreamResult:
     """Send ``audio`` in ``chunk_s`` frames (at ``speed`` × real time; None: as fast as possible),
     then ``end``, and collect every message until the server closes."""
@@ -140,6 +141,8 @@ async def stream(
                     await ws.send(frame)
                 except ConnectionClosed:
                     break
+                if on_sent is not None:
+                    on_sent(len(frame))
             if end and not receiver.done():
                 try:
                     await ws.send(json.dumps({"type": "end"}))

@@ -31,6 +31,7 @@ from host.registry import call_quietly, heartbeat_loop
 from host.scheduler import Scheduler
 from host.schemas import problems, with_defaults
 from host.session import Session, SessionServices
+from host.vad import VadBatcher
 from host.session_config import ConfigError, parse_session_config, pick_engine
 from host.settings import Settings
 
@@ -63,10 +64,11 @@ class Worker:
         self._vad_executor = ThreadPoolExecutor(
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
+        self._vad_batchers: dict[int, VadBatcher] = {}
         self.services = SessionServices(
             worker_id=settings.worker_id,
             scheduler=self.scheduler,
-            vad_executor=self._vad_executor,
+            vad_batcher=self._vad_batcher,
             max_frame_bytes=settings.max_frame_bytes,
             partial_interval_s=settings.partial_interval_s,
             lag_warning_s=settings.lag_warning_s,
@@ -74,6 +76,12 @@ class Worker:
             on_started=self._session_started,
             on_ended=self._session_ended,
         )
+
+    def _vad_batcher(self, model) -> VadBatcher:
+        batcher = self._vad_batchers.get(id(model))
+        if batcher is None:
+            batcher = self._vad_batchers[id(model)] = VadBatcher(model, self._vad_executor)
+        return batcher
 
     # --- lifecycle ----------------------------------------------------------
 

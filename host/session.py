@@ -14,7 +14,6 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Awaitable, Callable
@@ -30,7 +29,7 @@ from host.partials import LocalAgreement
 from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
 from host.sender import Sender
 from host.session_config import ConfigError, SessionConfig, check_language
-from host.vad import VadStage
+from host.vad import VadBatcher, VadStage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,8 @@ class SessionServices:
 
     worker_id: str
     scheduler: Scheduler
-    vad_executor: Executor
+    vad_batcher: Callable[[Any], VadBatcher]
+    """The shared :class:`VadBatcher` of a VAD model."""
     max_frame_bytes: int
     partial_interval_s: float
     """New audio (seconds) between two partial requests of an open utterance."""
@@ -254,9 +254,14 @@ class Session:
     async def _process(self, samples: np.ndarray) -> None:
         """Buffer and endpoint one frame's samples (caller holds the lock)."""
         self.buffer.append(samples)
-        loop = asyncio.get_running_loop()
-        events = await loop.run_in_executor(self.services.vad_executor, self.vad.feed, samples)
-        await self._handle(events)
+        windows = self.vad.take_windows(samples)
+        if not len(windows):
+            return
+        if self.vad.needs_model:
+            probabilities = await self.services.vad_batcher(self.engine.vad).probabilities(self.vad.stream, windows)
+        else:
+            probabilities = self.vad.stream.probabilities(windows)
+        await self._handle(self.vad.endpoint(probabilities))
         self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
         self._request_partial()
 

@@ -144,3 +144,13 @@ def test_silero_streams_are_independent(silero, speech_by_id):
     fresh = silero.open_stream()
     parts = np.concatenate([fresh.probabilities(chunks[:20]), fresh.probabilities(chunks[20:])])
     np.testing.assert_allclose(parts, whole, atol=1e-6)
+
+
+def test_silero_batched_matches_one_by_one(silero, speech_by_id):
+    audio = read_wav(speech_by_id["jfk"].path)
+    samples = np.frombuffer(audio.pcm, dtype="<i2").astype(np.float32)[: 90 * W] / 32768
+    chunks = samples.reshape(3, 30, W)  # three "sessions" with different audio
+    alone = [silero.open_stream().probabilities(c) for c in chunks]
+    streams = [silero.open_stream() for _ in chunks]
+    batched = np.stack([silero.batch_probabilities(streams, chunks[:, k]) for k in range(30)], axis=1)
+    np.testing.assert_allclose(batched, np.stack(alone), atol=1e-5)
