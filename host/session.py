@@ -76,7 +76,7 @@ class Session:
         self._tail: asyncio.Task | None = None
         self._utterance: tuple[int, int] | None = None  # (id, start sample) of the open utterance
         self._agreement = LocalAgreement()
-        self._partial_ticket: Ticket | None = None  # at most one partial in flight per session
+        self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
         self._speculative: tuple[int, int, Ticket] | None = None  # (utterance id, end sample, job)
         self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
@@ -279,6 +279,8 @@ class Session:
             elif isinstance(event, SpeechEnd) and self._utterance is not None:
                 uid, start = self._utterance
                 self._utterance = None
+                if self._partial is not None:
+                    self._partial[1].cancel()  # not started yet: its utterance is over
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
                 if event.reason != "clear":
@@ -332,9 +334,9 @@ class Session:
         """Ask for a partial of the open utterance when enough new audio came since the last one."""
         if not self.config.interim_results or self._utterance is None or self._finished:
             return
-        if self._partial_ticket is not None:
-            return  # one in flight; the next is asked for when it returns
         uid, start = self._utterance
+        if self._partial is not None and self._partial[0] == uid:
+            return  # one in flight for this utterance; the next is asked for when it returns
         pos = self.buffer.end
         first = self._partial_from == start
         if not first and pos - self._partial_from < self.services.partial_interval_s * SAMPLE_RATE:
@@ -344,7 +346,7 @@ class Session:
             self._transcribe_job(self.buffer.slice(start, pos), partial_=True), PARTIAL,
             stale=lambda: self._utterance is None or self._utterance[0] != uid,
         )
-        self._partial_ticket = ticket
+        self._partial = (uid, ticket)
         asyncio.create_task(self._deliver_partial(uid, start, pos, ticket))
 
     async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket) -> None:
@@ -353,7 +355,8 @@ class Session:
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a skipped or failed partial is just dropped
             result = None
         finally:
-            self._partial_ticket = None
+            if self._partial is not None and self._partial[1] is ticket:
+                self._partial = None
         # Only while its utterance is still open: a partial never follows its speech_end or final.
         if result is not None and self._utterance is not None and self._utterance[0] == uid:
             text = self._agreement.update(result.text)

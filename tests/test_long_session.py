@@ -1,0 +1,54 @@
+"""A one-hour session must not grow the worker's memory: finalized audio is released."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from host.client import concat, read_wav, session_url, silence, stream
+
+from .support import SPEECH, WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def longform(tmp_path_factory):
+    out = tmp_path_factory.mktemp("longform")
+    subprocess.run([sys.executable, str(SPEECH / "build_longform.py"), "--out", str(out)], check=True,
+                   capture_output=True)
+    return concat(*[read_wav(p) for p in sorted(out.glob("*.wav"))], silence(1.0))
+
+
+async def test_one_hour_session_memory_is_bounded(tmp_path, longform):
+    loops = int(3600 // longform.seconds) + 1
+    hour = concat(*[longform] * loops)
+    assert hour.seconds >= 3600
+    worker = WorkerProcess(tmp_path, lag_limit_s=120)
+    worker.wait_healthy()
+    proc = psutil.Process(worker.proc.pid)
+    samples: list[tuple[float, int]] = []
+    sent = 0.0
+
+    def on_sent(n: int) -> None:
+        nonlocal sent
+        sent += n / 32000
+        if not samples or sent - samples[-1][0] >= 300:
+            samples.append((sent, proc.memory_info().rss))
+
+    try:
+        result = await stream(session_url(worker.url, interim_results=False), hour, speed=30, on_sent=on_sent)
+        await asyncio.sleep(0)
+        samples.append((sent, proc.memory_info().rss))
+    finally:
+        worker.stop()
+    assert result.end is not None and result.end["total_duration"] >= 3600
+    assert len(result.finals) >= 400
+    assert not result.of("error")
+    # Compare against the first sample taken after 10 minutes of audio (models and arenas warm).
+    warm = next(rss for t, rss in samples if t >= 600)
+    growth = (samples[-1][1] - warm) / 2**20
+    print(f"\nRSS over the hour (MiB): {[round(r / 2**20) for _, r in samples]}; growth after warm-up {growth:.1f}")
+    assert growth < 40, f"worker RSS grew {growth:.1f} MiB over a one-hour session"
