@@ -134,8 +134,9 @@ def analyse(result, reference: str, speed: float | None, endpointing: dict[str, 
     return stats
 
 
-async def run_stream(url: str, items: list[Item], args, endpointing: dict, progress: Progress) -> StreamStats:
-    audio = concat(*[part for it in items for part in (it.audio, silence(args.gap))])
+async def run_stream(url: str, items: list[Item], args, endpointing: dict, progress: Progress,
+                     offset: float = 0.0) -> StreamStats:
+    audio = concat(silence(offset), *[part for it in items for part in (it.audio, silence(args.gap))])
     rate = audio.sample_rate * 2 * audio.channels
     result = await stream(url, audio, chunk_s=args.chunk, speed=args.speed,
                           on_sent=lambda n: progress.add(n / rate))
@@ -177,13 +178,17 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     params = dict(engine=args.engine, model=args.model, interim_results=False if args.no_partials else None)
     surl = session_url(url, **{k: v for k, v in params.items() if v is not None})
     per_stream = [items[k % len(items):] + items[:k % len(items)] for k in range(n)]
-    total_audio = n * sum(it.audio.seconds + args.gap for it in items)
+    total_audio = n * sum(it.audio.seconds + args.gap for it in items) + n * args.stagger / 2
     progress = Progress(total_audio, label=f"{n:3d} stream(s)")
     rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
     t0 = time.monotonic()
-    results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress) for s in per_stream))
+    # Users do not all start talking on the same 50 ms: offsets spread the streams (golden-ratio
+    # spacing over --stagger seconds), or endpoints of rotated copies would coincide.
+    offsets = [((k * 0.6180339887) % 1.0) * args.stagger for k in range(n)]
+    results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress, off)
+                                     for s, off in zip(per_stream, offsets)))
     wall = time.monotonic() - t0
     progress.sent = progress.total
     progress.draw()
@@ -257,7 +262,7 @@ def main(args) -> int:
         report: dict[str, Any] = {
             "machine": machine(), "engine": engine["id"], "model": args.model or "default",
             "manifest": str(args.manifest), "utterances": len(items), "speed": args.speed, "chunk_s": args.chunk,
-            "gap_s": args.gap, "interim_results": not args.no_partials, "startup_seconds": _r(startup),
+            "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": _r(startup),
             "idle_rss_mib": _mib(proc.memory_info().rss) if proc else None, "runs": [],
         }
         for n in levels:
@@ -329,6 +334,8 @@ def add_arguments(p) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="× real time (0: as fast as possible)")
     p.add_argument("--chunk", type=float, default=0.05, help="frame length in seconds")
     p.add_argument("--gap", type=float, default=1.0, help="silence between utterances (s)")
+    p.add_argument("--stagger", type=float, default=3.0,
+                   help="spread stream starts over this many seconds (leading silence)")
     p.add_argument("--max-p95", type=float, default=1.0, help="final p95 (s) a real-time level may reach")
     p.add_argument("--engine")
     p.add_argument("--model")

@@ -7,6 +7,7 @@ third-party plugin never stops the host: it is reported by name and skipped.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -90,8 +91,6 @@ def load_plugins(env: dict[str, str] | None = None, extra: list[Any] = ()) -> Pl
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     errors: list[PluginError] = []
-
-    import importlib
 
     for module_name in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)

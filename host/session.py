@@ -1,10 +1,14 @@
 """One ``/session``: receiver → VAD → ASR → assembler → sender.
 
-Audio frames are decoded on the event loop (:mod:`host.audio`: cheap numpy
-work) and endpointed in a worker thread (:mod:`host.vad`), one frame at a time. Each finished utterance is submitted
-to the model's inference queue at once; a chain of delivery tasks sends the
-finals strictly in utterance order, and ``flush.done``/``session.end`` join the
-same chain so they follow every final before them.
+Audio frames are decoded on the event loop (:mod:`host.audio`, cheap numpy
+work); their VAD windows run off the loop, batched with other sessions'
+(:mod:`host.vad`), and are endpointed one frame at a time. Each finished
+utterance is submitted to the model's inference queue at once (or reuses the
+speculative decode started during its endpoint silence); a chain of delivery
+tasks sends the finals strictly in utterance order, and ``flush.done`` and
+``session.end`` join the same chain so they follow every final before them.
+Partials of the open utterance are requested as audio arrives, one in flight
+at a time, and dropped if their utterance has ended when they return.
 """
 
 from __future__ import annotations
@@ -81,7 +85,6 @@ class Session:
         self._speculative: tuple[int, int, Ticket] | None = None  # (utterance id, end sample, job)
         self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
         self._lag_warned: set[int] = set()
-        self._lagging = False
         self._next_utterance = 0
         self._finished = False
         self._finishing: asyncio.Future | None = None

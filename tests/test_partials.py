@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -34,7 +33,6 @@ async def test_partials_precede_their_final_and_never_follow_it(idle_worker, spe
     assert partials, "no partials with interim_results on"
     open_utt, closed, finalized = None, set(), set()
     utterance = -1
-    stable_prefix: dict[int, str] = {}
     for m in result.messages:
         if m["type"] == "vad.speech_start":
             utterance += 1
