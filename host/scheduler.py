@@ -51,6 +51,8 @@ class InferenceQueue:
         self.busy = 0
         self.completed = 0
         self.skipped = 0
+        self._waiting = {FINAL: 0, SPECULATIVE: 0, PARTIAL: 0}
+        self._count_lock = threading.Lock()
         self.busy_seconds = 0.0
 
     def start(self) -> None:
@@ -76,14 +78,23 @@ class InferenceQueue:
         """Queue ``fn``; the ticket's future resolves with its result (call from the event loop)."""
         loop = asyncio.get_running_loop()
         job = _Job(priority, next(self._seq), fn, loop, loop.create_future(), time.monotonic(), stale)
+        with self._count_lock:
+            self._waiting[priority] += 1
         self._queue.put(job)
         return Ticket(job)
+
+    def waiting(self, up_to_priority: int) -> int:
+        """Jobs waiting whose priority is ``up_to_priority`` or more urgent."""
+        with self._count_lock:
+            return sum(n for p, n in self._waiting.items() if p <= up_to_priority)
 
     def _work(self) -> None:
         while True:
             job = self._queue.get()
             if not isinstance(job, _Job):
                 return
+            with self._count_lock:
+                self._waiting[job.priority] -= 1
             if job.future.cancelled():
                 continue
             if job.stale is not None and job.stale():

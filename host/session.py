@@ -303,6 +303,9 @@ class Session:
         uid, start = self._utterance
         if self._speculative is not None:
             self._speculative[2].cancel()
+            self._speculative = None
+        if self.queue.waiting(SPECULATIVE):
+            return  # finals are queued: a guess that speech may resume would only delay them
         ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end)), SPECULATIVE)
         self._speculative = (uid, end, ticket)
 

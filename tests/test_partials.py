@@ -76,6 +76,7 @@ def test_queue_serves_finals_first_then_in_order_and_skips_stale():
             ]
             withdrawn = q.submit(lambda: order.append("withdrawn"), FINAL)
             assert withdrawn.cancel()
+            assert q.waiting(FINAL) == 3 and q.waiting(SPECULATIVE) == 4 and q.waiting(PARTIAL) == 7
             gate.set()
             await blocker.future
             for t in tickets:
@@ -83,6 +84,8 @@ def test_queue_serves_finals_first_then_in_order_and_skips_stale():
                     await t.future
                 except asyncio.CancelledError:
                     pass
+            await asyncio.sleep(0.05)
+            assert q.waiting(PARTIAL) == 0
             return order, tickets[3].future.cancelled(), q.skipped
         finally:
             q.stop()
