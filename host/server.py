@@ -25,15 +25,15 @@ from host import __version__
 from host import sender as msg
 from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
-from host.models import ModelManager
+from host.models import ModelManager, trim_memory_loop
 from host.plugins import PluginSet, load_plugins
 from host.registry import call_quietly, heartbeat_loop
 from host.scheduler import Scheduler
 from host.schemas import problems, with_defaults
 from host.session import Session, SessionServices
-from host.vad import VadBatcher
 from host.session_config import ConfigError, parse_session_config, pick_engine
 from host.settings import Settings
+from host.vad import VadBatcher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Worker:
         self._server: Server | None = None
         self._stop = asyncio.Event()
         self._heartbeat: asyncio.Task | None = None
+        self._trimmer: asyncio.Task | None = None
         self._vad_executor = ThreadPoolExecutor(
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
@@ -111,6 +112,8 @@ class Worker:
         self._heartbeat = asyncio.create_task(heartbeat_loop(
             self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s, self._stop,
         ))
+        if self.settings.memory_trim_s > 0:
+            self._trimmer = asyncio.create_task(trim_memory_loop(self.settings.memory_trim_s, self._stop))
         self.plugins.hook.startup(worker=self)
         self.status = READY
         self.ready_after_s = time.perf_counter() - t0
@@ -126,8 +129,7 @@ class Worker:
             self._server.close(close_connections=False)
         await asyncio.gather(*(s.stop(1001) for s in list(self.sessions)), return_exceptions=True)
         self._stop.set()
-        if self._heartbeat is not None:
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        await asyncio.gather(*(t for t in (self._heartbeat, self._trimmer) if t is not None), return_exceptions=True)
         if self.registry is not None:
             await call_quietly("deregister", self.registry.deregister())
         self.plugins.hook.shutdown(worker=self)
@@ -231,7 +233,7 @@ class Worker:
         try:
             query = dict(parse_qsl(url.query, keep_blank_values=True))
             try:
-                engine = self.models.engines[pick_engine(query, {k: e.spec for k, e in self.models.engines.items()}).id]
+                engine = pick_engine(query, self.models.engines)
                 config = parse_session_config(query, engine.spec)
             except ConfigError as exc:
                 await ws.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))

@@ -11,7 +11,7 @@ the type the schemas declare before validation, and defaults are applied.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from host.audio import ENCODINGS, MAX_RATE, MIN_RATE
 from host.engines import EngineSpec
@@ -38,6 +38,8 @@ CORE_SCHEMA = {
         "enable_vad": {"type": "boolean", "default": True},
     },
 }
+
+T = TypeVar("T")
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -72,7 +74,8 @@ class SessionConfig:
         return out
 
 
-def pick_engine(query: Mapping[str, str], engines: Mapping[str, EngineSpec]) -> EngineSpec:
+def pick_engine(query: Mapping[str, str], engines: Mapping[str, T]) -> T:
+    """The engine the ``engine`` parameter names, else the first one."""
     name = query.get("engine")
     if name is None:
         if not engines:

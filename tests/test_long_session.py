@@ -47,8 +47,10 @@ async def test_one_hour_session_memory_is_bounded(tmp_path, longform):
     assert result.end is not None and result.end["total_duration"] >= 3600
     assert len(result.finals) >= 400
     assert not result.of("error")
-    # Compare against the first sample taken after 10 minutes of audio (models and arenas warm).
-    warm = next(rss for t, rss in samples if t >= 600)
-    growth = (samples[-1][1] - warm) / 2**20
-    print(f"\nRSS over the hour (MiB): {[round(r / 2**20) for _, r in samples]}; growth after warm-up {growth:.1f}")
-    assert growth < 40, f"worker RSS grew {growth:.1f} MiB over a one-hour session"
+    # Peaks, not single samples: RSS swings by tens of MiB as the allocator trims freed memory.
+    # The last 20 minutes of audio may not peak higher than minutes 10-30 (models and caches warm).
+    early = max(rss for t, rss in samples if 600 <= t < 1800)
+    late = max(rss for t, rss in samples if t >= 2400)
+    growth = (late - early) / 2**20
+    print(f"\nRSS over the hour (MiB): {[round(r / 2**20) for _, r in samples]}; late-early peak {growth:.1f}")
+    assert growth < 30, f"worker RSS peak grew {growth:.1f} MiB over a one-hour session"
