@@ -21,6 +21,8 @@ class LocalAgreement:
 
     def __init__(self) -> None:
         self.stable: list[str] = []
+        self.shown = False
+        """Whether a non-empty partial was produced for this utterance."""
         self._previous: list[str] | None = None
 
     def update(self, hypothesis: str) -> str:
@@ -35,4 +37,6 @@ class LocalAgreement:
                 agreed += 1
             self.stable += words[n:agreed]
         self._previous = words
-        return " ".join(self.stable + words[len(self.stable):])
+        text = " ".join(self.stable + words[len(self.stable):])
+        self.shown = self.shown or bool(text)
+        return text

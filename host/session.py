@@ -345,7 +345,9 @@ class Session:
             return  # one in flight for this utterance; the next is asked for when it returns
         pos = self.buffer.end
         first = self._partial_from == start
-        if not first and pos - self._partial_from < self.services.partial_interval_s * SAMPLE_RATE:
+        # Until a partial with text was sent, ask again sooner: the first one is the one users wait for.
+        interval = self.services.partial_interval_s * (1.0 if self._agreement.shown else 0.4)
+        if not first and pos - self._partial_from < interval * SAMPLE_RATE:
             return
         self._partial_from = pos
         ticket = self.queue.submit(
