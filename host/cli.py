@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # websockets logs every connection and HTTP response at INFO; the host logs sessions itself.
+    logging.getLogger("websockets").setLevel(max(numeric, logging.WARNING))
 
 
 # --- serve ------------------------------------------------------------------
