@@ -289,9 +289,8 @@ class Session:
                 if event.reason != "clear":
                     self._finalize(Utterance(uid, start / SAMPLE_RATE, event.sample / SAMPLE_RATE),
                                    start, event.sample)
-                elif self._speculative is not None:
-                    self._speculative[2].cancel()
-                    self._speculative = None
+                else:
+                    self._drop_speculative()
 
     def _transcribe_job(self, audio: np.ndarray, partial_: bool = False):
         language = None if self.language == "auto" else self.language
@@ -301,22 +300,26 @@ class Session:
     def _speculate(self, end: int) -> None:
         """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
         uid, start = self._utterance
-        if self._speculative is not None:
-            self._speculative[2].cancel()
-            self._speculative = None
+        self._drop_speculative()
         if self.queue.waiting(SPECULATIVE):
             return  # finals are queued: a guess that speech may resume would only delay them
         ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end)), SPECULATIVE)
         self._speculative = (uid, end, ticket)
 
+    def _drop_speculative(self) -> None:
+        """Forget the speculative decode, withdrawing it if no thread has started it."""
+        if self._speculative is not None:
+            self._speculative[2].cancel()
+            self._speculative = None
+
     def _finalize(self, utterance: Utterance, start: int, end: int) -> None:
         self.speech_seconds += utterance.end - utterance.start
         ticket = None
-        if self._speculative is not None:
-            spec_uid, spec_end, spec = self._speculative
-            self._speculative = None
-            if (spec_uid, spec_end) == (utterance.id, end) and not spec.cancel():
-                ticket = spec  # already decoding or decoded exactly this audio: reuse it
+        spec, self._speculative = self._speculative, None
+        if spec is not None:
+            withdrawn = spec[2].cancel()  # a guess for other audio must not keep a decoder busy
+            if spec[:2] == (utterance.id, end) and not withdrawn:
+                ticket = spec[2]  # already decoding or decoded exactly this audio: reuse it
         if ticket is None:
             ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end)), FINAL)
         self._awaiting[utterance.id] = time.monotonic()
