@@ -1,4 +1,4 @@
-"""``engine-host``: serve | plugins | engines | validate | transcribe."""
+"""``engine-host``: serve | route | plugins | engines | validate | transcribe | bench."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from host import __version__
-from host.settings import ENV, Settings, settings_from
+from host.settings import ENV, ROUTER_ENV, RouterSettings, Settings, settings_from
 
 log = logging.getLogger("host")
 
@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=name, default=None, type=type(getattr(defaults, name)),
                        help=f"{help_text} [env {var}, default {getattr(defaults, name) if name not in ('worker_id', 'endpoint') else 'derived'}]")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("route", help="run a session router in front of the workers in a shared registry (Redis)")
+    router_defaults = RouterSettings()
+    for name, (var, help_text) in ROUTER_ENV.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=type(getattr(router_defaults, name)),
+                       help=f"{help_text} [env {var}, default {getattr(router_defaults, name) or 'none'}]")
+    p.set_defaults(run=cmd_route)
 
     p = sub.add_parser("plugins", help="list loaded plugins and the components they register")
     p.add_argument("--json", action="store_true")
@@ -112,6 +119,29 @@ def cmd_serve(args) -> int:
             log.error("cannot start: %s", exc)
             return 1
         raise
+    return 0
+
+
+# --- route ------------------------------------------------------------------------
+
+
+def cmd_route(args) -> int:
+    settings = settings_from(kind=RouterSettings, table=ROUTER_ENV, **{name: getattr(args, name) for name in ROUTER_ENV})
+    setup_logging(settings.log_level)
+    from host.router import RouterError, run_router
+
+    async def route() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_router(settings, stop)
+
+    try:
+        asyncio.run(route())
+    except (RouterError, OSError) as exc:
+        log.error("cannot start the router: %s", exc)
+        return 1
     return 0
 
 

@@ -115,6 +115,8 @@ class WorkerInfo:
     languages: list[str]
     version: str
     started_at: float
+    catalog: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    """Per engine id: its ``models`` and ``languages``, so a router can match a request exactly."""
 
 
 @dataclass
@@ -126,6 +128,46 @@ class WorkerStatus:
     active_sessions: int
     capacity: int
     memory: dict[str, Any]
+
+
+@dataclass
+class WorkerRecord:
+    """A live worker as a router sees it in a shared registry."""
+
+    info: WorkerInfo
+    status: WorkerStatus
+    last_heartbeat: float
+    leases: int = 0
+    """Sessions routers have reserved on this worker and not yet released."""
+
+    @property
+    def load(self) -> int:
+        # A routed session is counted by its lease at once and by the worker's heartbeat later;
+        # the larger of the two is the best estimate that never counts a session twice.
+        return max(self.status.active_sessions, self.leases)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.status.capacity - self.load)
+
+    def serves(self, engine: str | None, model: str | None, language: str | None) -> bool:
+        """Whether some engine on this worker takes a session with these query parameters."""
+        catalog = self.info.catalog or {e: {"models": self.info.models, "languages": self.info.languages}
+                                        for e in self.info.engines}
+        if engine is not None:
+            catalog = {engine: catalog[engine]} if engine in catalog else {}
+        elif catalog:
+            # Without ``engine`` the worker picks its first engine, so only that one counts.
+            first = next(iter(catalog))
+            catalog = {first: catalog[first]}
+        for spec in catalog.values():
+            if model is not None and model not in spec.get("models", []):
+                continue
+            langs = set(spec.get("languages", []))
+            # {"all", "*", "auto"} is engines.ANY_LANGUAGE: the engine takes any language.
+            if language in (None, "", "auto") or language in langs or langs & {"all", "*", "auto"}:
+                return True
+        return False
 
 
 # --- components ---------------------------------------------------------------
@@ -215,4 +257,29 @@ class Registry(Protocol):
         ...
 
     async def deregister(self) -> None:
+        ...
+
+
+@runtime_checkable
+class WorkerDirectory(Protocol):
+    """The router's side of a shared registry: list live workers and reserve capacity atomically.
+
+    A registry component that only a worker uses (like the in-memory one) need not
+    provide it; ``engine-host route`` refuses to start with such a registry.
+    """
+
+    async def workers(self) -> list[WorkerRecord]:
+        ...
+
+    async def reserve(self, worker_id: str, lease_id: str, ttl_s: float) -> bool:
+        """Take one slot on the worker unless it is full, gone or not ready (atomic across routers)."""
+        ...
+
+    async def renew(self, worker_id: str, lease_id: str, ttl_s: float) -> None:
+        ...
+
+    async def release(self, worker_id: str, lease_id: str) -> None:
+        ...
+
+    async def close(self) -> None:
         ...

@@ -64,39 +64,85 @@ def register_registry(register):
     register("memory", lambda options, context: InMemoryRegistry(**options), OPTIONS_SCHEMA)
 
 
-async def heartbeat_loop(
-    registry: Registry,
-    info: WorkerInfo,
-    status: Callable[[], WorkerStatus],
-    interval_s: float,
-    stop: asyncio.Event,
-) -> None:
-    """Register, then heartbeat every ``interval_s`` until ``stop`` is set.
+class Announcer:
+    """Keeps one worker announced in a registry, through registry outages.
 
-    A registry that fails (e.g. Redis down) is retried with backoff; the worker
-    keeps serving meanwhile and re-registers when the registry answers again.
+    It registers the worker, heartbeats every ``interval_s`` (sooner after
+    :meth:`nudge`, so routers see a session start or end within a moment) and
+    delivers ended-session records. When the registry fails (e.g. Redis down) it
+    logs, retries with backoff capped at one interval, re-registers when the
+    registry answers again, and keeps undelivered records (up to ``max_pending``).
     """
-    registered = False
-    backoff = 1.0
-    while not stop.is_set():
-        try:
-            if not registered:
-                await registry.register(info)
-                registered = True
-            await registry.heartbeat(status())
-            backoff = 1.0
-            delay = interval_s
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a registry outage must never stop the worker
-            log.warning("registry heartbeat failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc, backoff)
-            registered = False
-            delay = min(backoff, interval_s)
-            backoff = min(backoff * 2, 30.0)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except asyncio.TimeoutError:
-            pass
+
+    NUDGE_GAP_S = 0.2
+    """Heartbeats caused by nudges are at least this far apart: a burst of session starts costs one write."""
+
+    def __init__(self, registry: Registry, info: WorkerInfo, status: Callable[[], WorkerStatus],
+                 interval_s: float, max_pending: int = 1000):
+        self.registry = registry
+        self.info = info
+        self.status = status
+        self.interval_s = interval_s
+        self.pending: deque[SessionRecord] = deque(maxlen=max_pending)
+        self.registered = False
+        self._wake = asyncio.Event()
+
+    def nudge(self) -> None:
+        """The worker's state changed: heartbeat soon rather than at the next interval."""
+        self._wake.set()
+
+    def record(self, record: SessionRecord) -> None:
+        """Queue an ended session's record for the registry."""
+        self.pending.append(record)
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Announce until ``stop`` is set; never raises for registry failures."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.beat()
+                failures = 0
+                delay = self.interval_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a registry outage must never stop the worker
+                self.registered = False
+                failures += 1
+                # Retry at once (the record may only have expired), then back off up to one interval.
+                delay = 0.0 if failures == 1 else min(2.0 ** (failures - 2), self.interval_s, 30.0)
+                log.warning("registry heartbeat failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+            if await _wait_either(stop, self._wake, delay) is self._wake:
+                await _wait_either(stop, None, self.NUDGE_GAP_S)
+            self._wake.clear()
+        await call_quietly("session records", self.flush_records())
+
+    async def beat(self) -> None:
+        if not self.registered:
+            await self.registry.register(self.info)
+            self.registered = True
+            log.info("registered with the %s", type(self.registry).__name__)
+        await self.registry.heartbeat(self.status())
+        await self.flush_records()
+
+    async def flush_records(self) -> None:
+        while self.pending:
+            await self.registry.session_ended(self.pending[0])
+            self.pending.popleft()
+
+
+async def _wait_either(stop: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> asyncio.Event | None:
+    """Wait until ``stop`` or ``wake`` is set, or ``timeout`` passes; say which event fired."""
+    if stop.is_set():
+        return stop
+    if timeout <= 0:
+        return wake if wake is not None and wake.is_set() else None
+    events = [stop] + ([wake] if wake is not None else [])
+    waiters = {asyncio.ensure_future(e.wait()): e for e in events}
+    done, pending = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return waiters[next(iter(done))] if done else None
 
 
 async def call_quietly(what: str, coro: Awaitable) -> None:
@@ -105,3 +151,26 @@ async def call_quietly(what: str, coro: Awaitable) -> None:
         await coro
     except Exception as exc:  # noqa: BLE001
         log.warning("registry %s failed: %s: %s", what, type(exc).__name__, exc)
+
+
+class RegistryConfigError(Exception):
+    """The configured registry plugin is missing or its options are invalid."""
+
+
+async def build_registry(plugins, name: str, offered: dict, context) -> object:
+    """Build registry component ``name`` off the event loop.
+
+    ``offered`` holds host-level settings (``url``, ``ttl_s``, ...); each is
+    passed only if the plugin's options schema declares it.
+    """
+    from host.schemas import problems, with_defaults
+
+    component = plugins.component("registry", name)
+    if component is None:
+        raise RegistryConfigError(f"no registry plugin named {name!r} (loaded: {', '.join(plugins.names('registry'))})")
+    declared = component.options_schema.get("properties") or {}
+    options = {k: v for k, v in offered.items() if k in declared and v is not None}
+    found = problems(component.options_schema, options)
+    if found:
+        raise RegistryConfigError(f"registry {name!r}: {found[0]}")
+    return await asyncio.to_thread(component.factory, with_defaults(component.options_schema, options), context)

@@ -27,9 +27,8 @@ from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, 
 from host.engines import EngineLoadError, load_engines
 from host.models import ModelManager, trim_memory_loop
 from host.plugins import PluginSet, load_plugins
-from host.registry import call_quietly, heartbeat_loop
+from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
 from host.scheduler import Scheduler
-from host.schemas import problems, with_defaults
 from host.session import Session, SessionServices
 from host.session_config import ConfigError, parse_session_config, pick_engine
 from host.settings import Settings
@@ -60,6 +59,7 @@ class Worker:
         self.registry = None
         self._server: Server | None = None
         self._stop = asyncio.Event()
+        self.announcer: Announcer | None = None
         self._heartbeat: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self._vad_executor = ThreadPoolExecutor(
@@ -109,9 +109,8 @@ class Worker:
             raise EngineLoadError(errors)
         await self.models.load(specs)
         self.registry = await self._build_registry()
-        self._heartbeat = asyncio.create_task(heartbeat_loop(
-            self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s, self._stop,
-        ))
+        self.announcer = Announcer(self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s)
+        self._heartbeat = asyncio.create_task(self.announcer.run(self._stop))
         if self.settings.memory_trim_s > 0:
             self._trimmer = asyncio.create_task(trim_memory_loop(self.settings.memory_trim_s, self._stop))
         self.plugins.hook.startup(worker=self)
@@ -125,6 +124,8 @@ class Worker:
         if self.status == DRAINING and self._stop.is_set():
             return
         self.status = DRAINING
+        if self.announcer is not None:
+            self.announcer.nudge()  # routers stop choosing this worker now, not at the next heartbeat
         if self._server is not None:
             self._server.close(close_connections=False)
         await asyncio.gather(*(s.stop(1001) for s in list(self.sessions)), return_exceptions=True)
@@ -147,20 +148,13 @@ class Worker:
         return self._server.sockets[0].getsockname()[1]
 
     async def _build_registry(self):
-        """The configured registry component, built off the event loop like every factory."""
-        name = self.settings.registry
-        component = self.plugins.component("registry", name)
-        if component is None:
-            raise StartupError(f"no registry plugin named {name!r} (loaded: {', '.join(self.plugins.names('registry'))})")
-        # Offer the worker-level settings a registry may declare; the TTL spans three heartbeats.
+        """The configured registry component; its TTL spans three heartbeats."""
         offered = {"url": self.settings.redis_url or None, "ttl_s": 3 * self.settings.heartbeat_s}
-        declared = component.options_schema.get("properties") or {}
-        options = {k: v for k, v in offered.items() if k in declared and v is not None}
-        found = problems(component.options_schema, options)
-        if found:
-            raise StartupError(f"registry {name!r}: {found[0]}")
-        context = LoadContext(shared=self.models.shared, engine_id="")
-        return await asyncio.to_thread(component.factory, with_defaults(component.options_schema, options), context)
+        try:
+            return await build_registry(self.plugins, self.settings.registry, offered,
+                                        LoadContext(shared=self.models.shared, engine_id=""))
+        except RegistryConfigError as exc:
+            raise StartupError(str(exc)) from None
 
     # --- state for health and the registry ------------------------------------
 
@@ -175,6 +169,7 @@ class Worker:
             languages=sorted({lang for e in engines for lang in e.spec.languages}),
             version=__version__,
             started_at=self.started_at,
+            catalog={e.id: {"models": e.spec.models, "languages": e.spec.languages} for e in engines},
         )
 
     def worker_status(self) -> WorkerStatus:
@@ -251,13 +246,15 @@ class Worker:
     def _session_started(self, info: SessionInfo) -> None:
         log.info("session %s started: engine=%s model=%s", info.session_id, info.engine, info.config.get("model"))
         _call_hook(self.plugins.hook.session_started, session=info)
+        if self.announcer is not None:
+            self.announcer.nudge()
 
     async def _session_ended(self, info: SessionInfo, record: SessionRecord) -> None:
         log.info("session %s ended: status=%s audio=%.1fs speech=%.1fs segments=%d",
                  record.session_id, record.status, record.audio_seconds, record.speech_seconds, record.segments)
         _call_hook(self.plugins.hook.session_ended, session=info, record=record)
-        if self.registry is not None:
-            await call_quietly("session_ended", self.registry.session_ended(record))
+        if self.announcer is not None:
+            self.announcer.record(record)
 
 
 def _call_hook(hook, **kwargs) -> None:

@@ -67,16 +67,59 @@ ENV = {
 }
 
 
-def settings_from(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from environment variables, then explicit overrides (CLI flags) on top."""
+@dataclass
+class RouterSettings:
+    """Settings of ``engine-host route``, the session router in front of many workers."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    redis_url: str = ""
+    registry: str = ""
+    """Registry plugin name; default ``redis``. It must be a shared one (a WorkerDirectory)."""
+    lease_ttl_s: float = 30.0
+    """A reservation lives this long unless renewed; the router renews it while the session runs."""
+    connect_timeout_s: float = 5.0
+    max_attempts: int = 3
+    """Workers tried for one session before it is refused with 1013."""
+    suspect_s: float = 30.0
+    """A worker that could not be reached is skipped this long unless it heartbeats again."""
+    ping_interval_s: float = 5.0
+    """WebSocket pings to workers; a worker that stops answering for two intervals is lost."""
+    max_frame_bytes: int = 1 << 20
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.registry:
+            self.registry = "redis"
+
+
+ROUTER_ENV = {
+    "host": ("ROUTER_HOST", "address to listen on"),
+    "port": ("ROUTER_PORT", "port for client sessions and HTTP (/health, /workers)"),
+    "redis_url": ("REDIS_URL", "Redis URL of the worker registry"),
+    "registry": ("ENGINE_HOST_REGISTRY", "registry plugin to read workers from (default redis)"),
+    "lease_ttl_s": ("ROUTER_LEASE_TTL_S", "seconds a reservation lives unless renewed (renewed while a session runs)"),
+    "connect_timeout_s": ("ROUTER_CONNECT_TIMEOUT_S", "seconds to reach a worker before trying the next"),
+    "max_attempts": ("ROUTER_MAX_ATTEMPTS", "workers tried per session before closing 1013"),
+    "suspect_s": ("ROUTER_SUSPECT_S", "seconds an unreachable worker is skipped unless it heartbeats again"),
+    "ping_interval_s": ("ROUTER_PING_INTERVAL_S", "seconds between pings to workers; two unanswered = worker lost"),
+    "max_frame_bytes": ("MAX_FRAME_BYTES", "frame size the workers accept (the router passes up to 4x through)"),
+    "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def settings_from(env: Mapping[str, str] | None = None, *, kind: type = Settings, table: dict | None = None,
+                  **overrides: Any):
+    """Settings of ``kind`` from environment variables, then explicit overrides (CLI flags) on top."""
     env = os.environ if env is None else env
+    table = ENV if table is None else table
     values: dict[str, Any] = {}
-    types = {f.name: f.type for f in fields(Settings)}
-    for name, (var, _) in ENV.items():
+    types = {f.name: f.type for f in fields(kind)}
+    for name, (var, _) in table.items():
         if var in env and env[var] != "":
             values[name] = _convert(types[name], env[var], var)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+    return kind(**values)
 
 
 def _convert(kind: Any, raw: str, var: str) -> Any:

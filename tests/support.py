@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,29 +64,26 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-class WorkerProcess:
-    """``engine-host serve`` in a child process."""
+class ServedProcess:
+    """An ``engine-host`` server command in a child process, logging to a file under ``tmp``."""
 
-    def __init__(self, tmp: Path, engines_dir: Path = ENGINES, env: dict | None = None, **settings):
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}"
-        self.http = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"worker-{self.port}.log"
+    def __init__(self, tmp: Path, command: list[str], port: int, env: dict | None = None):
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}"
+        self.http = f"http://127.0.0.1:{port}"
+        self.log_path = tmp / f"{command[0]}-{port}.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if "REDIS_URL" not in (env or {}):
             full_env.pop("REDIS_URL", None)  # the embedded default: in-memory registry
-        args = [sys.executable, "-m", "host.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--engines-dir", str(engines_dir), "--worker-id", f"test-{self.port}"]
-        for name, value in settings.items():
-            args += ["--" + name.replace("_", "-"), str(value)]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "host.cli", *command], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
 
     def wait_healthy(self, timeout: float = 120.0) -> float:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.log_path.name} exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 status, _ = http_get(self.http + "/health", timeout=1)
                 if status == 200:
@@ -93,16 +91,10 @@ class WorkerProcess:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"worker not healthy after {timeout} s:\n{self.log()}")
+        raise TimeoutError(f"{self.log_path.name} not healthy after {timeout} s:\n{self.log()}")
 
     def health(self) -> dict:
         return http_get(self.http + "/health")[1]
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        t0 = time.monotonic()
-        while self.health()["active_sessions"] and time.monotonic() - t0 < timeout:
-            time.sleep(0.05)
-        assert self.health()["active_sessions"] == 0, "sessions still active"
 
     def log(self) -> str:
         if not self._log.closed:
@@ -119,6 +111,84 @@ class WorkerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class WorkerProcess(ServedProcess):
+    """``engine-host serve`` in a child process; keyword settings become command-line flags."""
+
+    def __init__(self, tmp: Path, engines_dir: Path = ENGINES, env: dict | None = None, **settings):
+        port = free_port()
+        settings.setdefault("worker_id", f"test-{port}")
+        settings.setdefault("endpoint", f"ws://127.0.0.1:{port}")
+        args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--engines-dir", str(engines_dir)]
+        for name, value in settings.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        super().__init__(tmp, args, port, env)
+        self.worker_id = settings["worker_id"]
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        t0 = time.monotonic()
+        while self.health()["active_sessions"] and time.monotonic() - t0 < timeout:
+            time.sleep(0.05)
+        assert self.health()["active_sessions"] == 0, "sessions still active"
+
+
+class RouterProcess(ServedProcess):
+    """``engine-host route`` in a child process."""
+
+    def __init__(self, tmp: Path, redis_url: str, **settings):
+        port = free_port()
+        args = ["route", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_url]
+        for name, value in settings.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        super().__init__(tmp, args, port)
+
+    def workers(self) -> list[dict]:
+        return http_get(self.http + "/workers")[1]
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free port (no persistence), restartable on the same port."""
+
+    def __init__(self, tmp: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+        self.binary, self.dir, self.port = binary, tmp, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,473 @@
+"""The session router (``engine-host route``): one WebSocket front door for many workers.
+
+For each client session the router reads the live workers from a shared
+registry (a :class:`~host.contracts.WorkerDirectory`, e.g. the Redis plugin),
+keeps those that serve the requested ``engine``/``model``/``language``, ranks
+them by free capacity, reserves a slot atomically and proxies the session
+frame by frame, query string and ``Authorization`` header included. The
+client sees the worker's protocol unchanged.
+
+- A worker that refuses (close 1013) or cannot be reached is skipped for the
+  next candidate, and the router avoids an unreachable one until it
+  heartbeats again.
+- No candidate left: close 1013, like a full worker.
+- A worker that dies mid-session: the client gets ``error{code:"worker_lost"}``
+  and a ``session.end`` built from the finals already relayed, then close 1011.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from host import __version__
+from host import sender as msg
+from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
+from host.plugins import PluginSet, load_plugins
+from host.registry import RegistryConfigError, build_registry, call_quietly
+from host.server import SESSION_PATHS, _json_response
+from host.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+
+
+class RouterError(Exception):
+    """The router cannot start (no shared registry, ...)."""
+
+
+# --- choosing a worker ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a session asks of its worker, from its query parameters."""
+
+    engine: str | None = None
+    model: str | None = None
+    language: str | None = None
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]) -> "Wanted":
+        return cls(query.get("engine"), query.get("model"), query.get("language"))
+
+    def __str__(self) -> str:
+        parts = [f"{k}={v}" for k, v in (("engine", self.engine), ("model", self.model), ("language", self.language)) if v]
+        return " ".join(parts) or "the default engine"
+
+
+@dataclass
+class Suspects:
+    """Workers this router failed to reach, skipped until they heartbeat again or ``hold_s`` passes."""
+
+    hold_s: float
+    _seen: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (until, last_heartbeat)
+
+    def add(self, worker: WorkerRecord) -> None:
+        self._seen[worker.info.worker_id] = (time.monotonic() + self.hold_s, worker.last_heartbeat)
+
+    def holds(self, worker: WorkerRecord) -> bool:
+        entry = self._seen.get(worker.info.worker_id)
+        if entry is None:
+            return False
+        until, heartbeat = entry
+        if time.monotonic() >= until or worker.last_heartbeat > heartbeat:
+            del self._seen[worker.info.worker_id]
+            return False
+        return True
+
+
+def rank(workers: list[WorkerRecord], wanted: Wanted, suspects: Suspects) -> list[WorkerRecord]:
+    """Ready workers that serve ``wanted`` and have room, most free capacity first.
+
+    Ties are shuffled so that several routers do not all pick the same worker.
+    """
+    fit = [w for w in workers
+           if w.status.status == "ready" and w.free > 0 and w.serves(wanted.engine, wanted.model, wanted.language)
+           and not suspects.holds(w)]
+    random.shuffle(fit)
+    return sorted(fit, key=lambda w: (-w.free, w.load))
+
+
+# --- one proxied session --------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The worker turned the session away before it began (full, starting, draining)."""
+
+
+@dataclass(eq=False)
+class RoutedSession:
+    """Relays one session between a client and a worker and remembers what the client got."""
+
+    client: ServerConnection
+    upstream: ClientConnection
+    worker: WorkerRecord
+    begin: dict
+    finals: list[dict] = field(default_factory=list)
+    ended: bool = False
+    bytes_in: int = 0
+    stopping: bool = False
+
+    async def run(self) -> bool:
+        """Relay until either side ends; True when the worker was lost mid-session."""
+        try:
+            await self.client.send(json.dumps(self.begin))
+        except ConnectionClosed:
+            return False  # the client left while we were finding it a worker
+        upward = asyncio.create_task(self._client_to_worker())
+        try:
+            lost = await self._worker_to_client()
+        finally:
+            if not upward.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(upward), timeout=5)
+                except asyncio.TimeoutError:
+                    upward.cancel()
+        return lost
+
+    async def end(self) -> None:
+        """Router shutdown: ask the worker to finalize; its session.end reaches the client."""
+        self.stopping = True
+        try:
+            await self.upstream.send(json.dumps({"type": "end"}))
+        except ConnectionClosed:
+            pass
+
+    async def _client_to_worker(self) -> None:
+        try:
+            async for message in self.client:
+                if isinstance(message, bytes):
+                    self.bytes_in += len(message)
+                await self.upstream.send(message)
+        except ConnectionClosed:
+            pass  # the client vanished (ends below) or the worker did (_worker_to_client reports it)
+        # The client is gone: closing the worker's side makes it finalize and record the session.
+        await self.upstream.close()
+
+    async def _worker_to_client(self) -> bool:
+        try:
+            async for message in self.upstream:
+                if isinstance(message, str):
+                    self._note(message)
+                await self.client.send(message)
+        except ConnectionClosed as exc:
+            if exc.rcvd is None and exc.sent is not None:
+                return False  # we closed it because the client left
+        if self.ended or self.client.state.name != "OPEN":
+            code = 1001 if self.stopping else (self.upstream.close_code or 1000)
+            await self.client.close(code, self.upstream.close_reason or "")
+            return False
+        await self._report_lost()
+        return True
+
+    def _note(self, message: str) -> None:
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return
+        kind = data.get("type")
+        if kind == "transcript.final":
+            self.finals.append(data)
+        elif kind == "session.end":
+            self.ended = True
+
+    async def _report_lost(self) -> None:
+        """The worker vanished before session.end: tell the client and hand it what it already has."""
+        config = self.begin.get("config", {})
+        rate = (config.get("sample_rate") or 16000) * (config.get("channels") or 1)
+        duration = self.bytes_in / (rate * BYTES_PER_SAMPLE.get(config.get("encoding"), 2))
+        segments = [{"id": f.get("segment_id"), "start": f.get("start"), "end": f.get("end"), "text": f.get("text"),
+                     "confidence": f.get("confidence"), **({"words": f["words"]} if "words" in f else {})}
+                    for f in self.finals]
+        try:
+            await self.client.send(json.dumps(msg.error(
+                "worker_lost", f"worker {self.worker.info.worker_id} went away mid-session; "
+                "the finals sent so far are kept in session.end", recoverable=False)))
+            await self.client.send(json.dumps({
+                "type": "session.end",
+                "session_id": self.begin.get("session_id"),
+                "total_duration": round(duration, 3),
+                "total_speech_duration": round(sum(s["end"] - s["start"] for s in segments
+                                                   if s["end"] is not None and s["start"] is not None), 3),
+                "transcript": " ".join(s["text"] or "" for s in segments),
+                "segments": segments,
+                "incomplete": True,
+            }))
+            await self.client.close(1011, "Worker lost")
+        except ConnectionClosed:
+            pass
+
+
+# --- the router ---------------------------------------------------------------------
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, plugins: PluginSet | None = None):
+        self.settings = settings
+        self.plugins = plugins if plugins is not None else load_plugins()
+        self.directory: WorkerDirectory | None = None
+        self.suspects = Suspects(settings.suspect_s)
+        self.sessions: set[RoutedSession] = set()
+        self.started_at = time.time()
+        self._server: Server | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        offered = {"url": self.settings.redis_url or None}
+        try:
+            directory = await build_registry(self.plugins, self.settings.registry, offered,
+                                             LoadContext(shared={}, engine_id=""))
+        except RegistryConfigError as exc:
+            hint = "" if self.settings.redis_url else " (set REDIS_URL or --redis-url to the workers' Redis)"
+            raise RouterError(f"{exc}{hint}") from None
+        if not isinstance(directory, WorkerDirectory):
+            raise RouterError(f"registry {self.settings.registry!r} cannot list workers for a router "
+                              "(use a shared registry such as redis: set REDIS_URL)")
+        self.directory = directory
+        self._server = await serve(
+            self._handle, self.settings.host, self.settings.port,
+            process_request=self._http,
+            max_size=max(4 * self.settings.max_frame_bytes, 1 << 20),
+            ping_interval=20, ping_timeout=20, compression=None,
+        )
+        log.info("router listening on %s:%d (registry %s)", self.settings.host, self.port, self.settings.registry)
+
+    async def shutdown(self) -> None:
+        """Stop accepting; open sessions are finalized by their workers (session.end) and closed 1001."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        await asyncio.gather(*(s.end() for s in list(self.sessions)), return_exceptions=True)
+        deadline = time.monotonic() + 30
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self.directory is not None:
+            await call_quietly("close", self.directory.close())
+            log.info("router stopped")
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.port
+        return self._server.sockets[0].getsockname()[1]
+
+    # --- HTTP -----------------------------------------------------------------
+
+    async def _http(self, connection: ServerConnection, request):
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        path = urlsplit(request.path).path
+        if path == "/health":
+            status, body = await self.health()
+            return _json_response(status, body)
+        if path == "/workers":
+            try:
+                workers = await self.directory.workers()
+            except Exception as exc:  # noqa: BLE001 - the registry is down: say so
+                return _json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
+            return _json_response(200, [self.describe(w) for w in workers])
+        if path == "/engines":
+            try:
+                workers = await self.directory.workers()
+            except Exception as exc:  # noqa: BLE001
+                return _json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
+            return _json_response(200, engines_of(workers))
+        return _json_response(404, {"error": "not found", "path": path})
+
+    async def health(self) -> tuple[int, dict]:
+        body = {"status": "healthy", "role": "router", "version": __version__,
+                "uptime_s": round(time.time() - self.started_at, 1), "active_sessions": len(self.sessions)}
+        if self._closing:
+            return 503, {**body, "status": "draining"}
+        try:
+            workers = await self.directory.workers()
+        except Exception as exc:  # noqa: BLE001
+            return 503, {**body, "status": "registry_unavailable", "error": f"{type(exc).__name__}: {exc}"}
+        ready = [w for w in workers if w.status.status == "ready"]
+        body.update(workers=len(workers), ready_workers=len(ready), free=sum(w.free for w in ready))
+        if not ready:
+            body["status"] = "no_workers"
+        return 200, body
+
+    def describe(self, w: WorkerRecord) -> dict:
+        return {
+            "worker_id": w.info.worker_id, "endpoint": w.info.endpoint, "status": w.status.status,
+            "capacity": w.status.capacity, "active_sessions": w.status.active_sessions, "leases": w.leases,
+            "free": w.free, "engines": w.info.engines, "models": w.info.models, "languages": w.info.languages,
+            "version": w.info.version, "memory": w.status.memory,
+            "heartbeat_age_s": round(max(0.0, time.time() - w.last_heartbeat), 2),
+            "suspect": self.suspects.holds(w),
+        }
+
+    # --- sessions --------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path == "/health":
+            _, body = await self.health()
+            await ws.send(json.dumps(body))
+            await ws.close(1000)
+            return
+        if url.path not in SESSION_PATHS:
+            await ws.close(1008, "Invalid path")
+            return
+        if self._closing:
+            await ws.close(1013, "Router draining")
+            return
+        wanted = Wanted.from_query(dict(parse_qsl(url.query, keep_blank_values=True)))
+        try:
+            workers = await self.directory.workers()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("registry unavailable: %s: %s", type(exc).__name__, exc)
+            await ws.close(1013, "Registry unavailable")
+            return
+        attempts = 0
+        for worker in rank(workers, wanted, self.suspects):
+            if attempts >= self.settings.max_attempts:
+                break
+            lease = uuid.uuid4().hex
+            if not await self._reserve(worker, lease):
+                continue  # filled up since we read it (another router, a burst)
+            attempts += 1
+            try:
+                upstream, begin = await self._open(ws, worker, url)
+            except Refused as exc:
+                log.info("worker %s refused a session (%s); trying the next", worker.info.worker_id, exc)
+                await self._release(worker, lease)
+                continue
+            except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+                log.warning("worker %s unreachable at %s (%s: %s); trying the next", worker.info.worker_id,
+                            worker.info.endpoint, type(exc).__name__, exc)
+                self.suspects.add(worker)
+                await self._release(worker, lease)
+                continue
+            if upstream is None:  # the worker rejected the config; the client has its error and close
+                await self._release(worker, lease)
+                return
+            await self._relay(ws, upstream, worker, lease, begin)
+            return
+        await ws.close(1013, "No worker available" if workers else "No worker registered")
+
+    async def _reserve(self, worker: WorkerRecord, lease: str) -> bool:
+        try:
+            return await self.directory.reserve(worker.info.worker_id, lease, self.settings.lease_ttl_s)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("reservation on %s failed: %s: %s", worker.info.worker_id, type(exc).__name__, exc)
+            return False
+
+    async def _release(self, worker: WorkerRecord, lease: str) -> None:
+        await call_quietly("release", self.directory.release(worker.info.worker_id, lease))
+
+    async def _open(self, ws: ServerConnection, worker: WorkerRecord, url) -> tuple[ClientConnection | None, dict]:
+        """Connect to the worker and wait for session.begin.
+
+        Returns (None, {}) when the worker rejected the session for a reason the
+        client must see (e.g. invalid_config): that message and the close are relayed.
+        """
+        target = worker.info.endpoint.rstrip("/") + url.path + (f"?{url.query}" if url.query else "")
+        headers = [("X-Forwarded-For", _peer(ws))]
+        if "Authorization" in ws.request.headers:
+            headers.append(("Authorization", ws.request.headers["Authorization"]))
+        timeout = self.settings.connect_timeout_s
+        try:
+            upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
+                                     ping_interval=self.settings.ping_interval_s,
+                                     ping_timeout=2 * self.settings.ping_interval_s,
+                                     max_size=None, compression=None, close_timeout=5)
+        except InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                await ws.close(1008, "Unauthorized")
+                return None, {}
+            raise
+        try:
+            first = await asyncio.wait_for(upstream.recv(), timeout)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else 1006
+            if code == 1013:
+                raise Refused(exc.rcvd.reason) from None
+            raise OSError(f"worker closed {code} before session.begin") from None
+        except asyncio.TimeoutError:
+            await upstream.close()
+            raise
+        data = json.loads(first) if isinstance(first, str) else {}
+        if data.get("type") == "session.begin":
+            return upstream, data
+        # An error before session.begin (e.g. invalid_config): relay it and the close as they are.
+        await ws.send(first)
+        try:
+            async for message in upstream:
+                await ws.send(message)
+        except ConnectionClosed:
+            pass
+        await ws.close(upstream.close_code or 1008, upstream.close_reason or "")
+        return None, {}
+
+    async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
+                     begin: dict) -> None:
+        session = RoutedSession(ws, upstream, worker, begin)
+        self.sessions.add(session)
+        renewer = asyncio.create_task(self._renew(worker, lease))
+        t0 = time.monotonic()
+        lost = False
+        try:
+            lost = await session.run()
+        finally:
+            renewer.cancel()
+            self.sessions.discard(session)
+            await self._release(worker, lease)
+            if not upstream.state.name == "CLOSED":
+                await upstream.close()
+        if lost:
+            self.suspects.add(worker)
+        log.info("session %s on %s %s after %.1f s (%d finals)", begin.get("session_id"), worker.info.worker_id,
+                 "LOST" if lost else "ended", time.monotonic() - t0, len(session.finals))
+
+    async def _renew(self, worker: WorkerRecord, lease: str) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+            await call_quietly("lease renewal", self.directory.renew(worker.info.worker_id, lease,
+                                                                    self.settings.lease_ttl_s))
+
+
+def engines_of(workers: list[WorkerRecord]) -> list[dict]:
+    """The engines live workers serve, merged: id, models, languages and how many workers serve it."""
+    merged: dict[str, dict] = {}
+    for w in workers:
+        catalog = w.info.catalog or {e: {"models": w.info.models, "languages": w.info.languages} for e in w.info.engines}
+        for engine, spec in catalog.items():
+            entry = merged.setdefault(engine, {"id": engine, "models": [], "languages": [], "workers": 0})
+            entry["workers"] += 1
+            entry["models"] = sorted(set(entry["models"]) | set(spec.get("models", [])))
+            entry["languages"] = sorted(set(entry["languages"]) | set(spec.get("languages", [])))
+    return list(merged.values())
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return str(address[0]) if address else ""
+
+
+async def run_router(settings: RouterSettings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Router:
+    """Start a router, serve until ``stop`` is set, then shut it down."""
+    router = Router(settings, plugins)
+    try:
+        await router.start()
+        await stop.wait()
+    finally:
+        await router.shutdown()
+    return router

@@ -1,0 +1,227 @@
+"""The session router over two real worker processes registered in a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from host.client import concat, read_wav, session_url, silence, stream
+
+from .support import RedisServer, RouterProcess, WorkerProcess, free_port, http_get
+
+pytest.importorskip("redis")
+
+HEARTBEAT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Redis, two workers of capacity 2 and a router, all real processes."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    redis_server = RedisServer(tmp)
+    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)}
+    workers = [WorkerProcess(tmp, env=env, max_sessions=2, worker_id=f"w{i}") for i in (1, 2)]
+    router = RouterProcess(tmp, redis_server.url)
+    try:
+        for w in workers:
+            w.wait_healthy()
+        router.wait_healthy()
+        deadline = time.monotonic() + 10
+        while len([w for w in router.workers() if w["status"] == "ready"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield redis_server, workers, router
+    finally:
+        router.stop()
+        for w in workers:
+            w.stop()
+        redis_server.stop()
+    assert "Traceback" not in router.log(), router.log()
+
+
+def active(workers) -> list[int]:
+    return [w.health()["active_sessions"] if w.proc.poll() is None else -1 for w in workers]
+
+
+async def wait_active(workers, expected: list[int], timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (now := active(workers)) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return now
+
+
+async def open_session(url: str):
+    """A routed session that has begun; returns (connection, session.begin)."""
+    ws = await connect(url, open_timeout=10, max_size=None)
+    begin = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert begin["type"] == "session.begin", begin
+    return ws, begin
+
+
+async def end_session(ws) -> dict:
+    await ws.send(json.dumps({"type": "end"}))
+    async for raw in ws:
+        message = json.loads(raw)
+        if message["type"] == "session.end":
+            await ws.wait_closed()
+            return message
+    raise AssertionError(f"closed {ws.close_code} without session.end")
+
+
+def test_router_lists_workers_and_health(cluster):
+    _, workers, router = cluster
+    listed = {w["worker_id"]: w for w in router.workers()}
+    assert set(listed) == {"w1", "w2"}
+    for w in workers:
+        entry = listed[w.worker_id]
+        assert entry["endpoint"] == w.url and entry["capacity"] == 2 and entry["status"] == "ready"
+        assert entry["free"] == 2 and entry["engines"] == ["whisper-streaming"]
+        assert entry["heartbeat_age_s"] < 5 * HEARTBEAT_S
+    status, health = http_get(router.http + "/health")
+    assert status == 200 and health["status"] == "healthy" and health["ready_workers"] == 2 and health["free"] == 4
+    status, engines = http_get(router.http + "/engines")
+    assert status == 200 and engines == [{"id": "whisper-streaming", "models": ["accurate", "fast"],
+                                          "languages": ["en"], "workers": 2}]
+    assert http_get(router.http + "/nope")[0] == 404
+
+
+async def test_routed_session_matches_a_direct_one(cluster, speech_by_id, speech):
+    _, workers, router = cluster
+    audio = concat(read_wav(speech_by_id["jfk"].path), silence(1.0), read_wav(speech[2].path), silence(1.0))
+    params = {"interim_results": False, "word_timestamps": True}
+    direct = await stream(session_url(workers[0].url, **params), audio, speed=None)
+    routed = await stream(session_url(router.url, **params), audio, speed=None)
+    assert routed.close_code == 1000 and not routed.of("error")
+    assert [m["type"] for m in routed.messages] == [m["type"] for m in direct.messages]
+    strip = lambda m: {k: v for k, v in m.items() if k != "session_id"}  # noqa: E731
+    assert [strip(m) for m in routed.finals] == [strip(m) for m in direct.finals]
+    assert strip(routed.end) == strip(direct.end)
+    assert routed.end["transcript"].lower().startswith("and so my fellow americans")
+
+
+async def test_invalid_config_is_relayed_not_retried(cluster):
+    _, workers, router = cluster
+    result = await stream(session_url(router.url, sample_rate=5), silence(0.1), speed=None)
+    (error,) = result.of("error")
+    assert error["code"] == "invalid_config" and "sample_rate" in error["message"]
+    assert result.close_code == 1008
+    async with connect(router.url + "/elsewhere") as ws:
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 1008
+
+
+async def test_sessions_spread_over_workers_and_capacity_is_enforced(cluster):
+    _, workers, router = cluster
+    opened = []
+    try:
+        for _ in range(4):
+            opened.append(await open_session(session_url(router.url)))
+        # Leases count at once, so the spread is exact even before the next heartbeat.
+        assert await wait_active(workers, [2, 2]) == [2, 2]
+        assert sorted(w["free"] for w in router.workers()) == [0, 0]
+        async with connect(session_url(router.url), open_timeout=10) as ws:
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1013, (ws.close_code, ws.close_reason)
+        # Two routed sessions at once on a worker with one free slot: exactly one gets it.
+        await end_session(opened.pop()[0])
+        deadline = time.monotonic() + 5
+        while sum(w["free"] for w in router.workers()) != 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sorted(active(workers)) == [1, 2]
+        results = await asyncio.gather(*(_try_open(router.url) for _ in range(2)))
+        assert sorted(code or 0 for code, _ in results) == [0, 1013]  # 0: it began
+        opened += [ws for code, ws in results if ws is not None]
+        assert await wait_active(workers, [2, 2]) == [2, 2]
+    finally:
+        for ws, *_ in opened:
+            await ws.close()
+    assert await wait_active(workers, [0, 0]) == [0, 0]
+
+
+async def _try_open(url: str):
+    try:
+        ws, begin = await open_session(session_url(url))
+        return None, (ws, begin)
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else 1006, None
+
+
+async def test_unreachable_worker_is_skipped_for_the_next(cluster):
+    """A registered worker that does not answer (here: a record pointing at a closed port, with
+    the most free capacity so it is tried first) costs one failed connect, then the router goes on."""
+    redis_server, workers, router = cluster
+    r = redis_server.client()
+    key = "dalston:realtime:worker:ghost"
+    r.hset(key, mapping={
+        "worker_id": "ghost", "endpoint": f"ws://127.0.0.1:{free_port()}", "capacity": "10", "engines": '["whisper-streaming"]',
+        "models": '["fast", "accurate"]', "languages": '["en"]', "version": "0", "started_at": str(time.time()),
+        "catalog": '{"whisper-streaming": {"models": ["fast", "accurate"], "languages": ["en"]}}',
+        "status": "ready", "active_sessions": "0", "memory": "{}", "last_heartbeat": str(time.time()),
+    })
+    r.expire(key, 30)
+    r.sadd("dalston:realtime:workers", "ghost")
+    try:
+        ws, begin = await open_session(session_url(router.url))
+        await end_session(ws)
+        assert "ghost unreachable" in router.log()
+        assert [w["suspect"] for w in router.workers() if w["worker_id"] == "ghost"] == [True]
+    finally:
+        r.delete(key)
+    assert "ghost" not in {w["worker_id"] for w in router.workers()}
+    assert "ghost" not in r.smembers("dalston:realtime:workers")  # pruned by the read
+
+
+async def test_worker_death_reports_worker_lost_and_new_sessions_avoid_it(cluster, speech):
+    """Runs last in the module: it kills a worker."""
+    _, workers, router = cluster
+    audio = concat(*[x for u in speech[:3] for x in (read_wav(u.path), silence(1.0))])
+    got_final = asyncio.Event()
+    messages = []
+
+    def on_message(m):
+        messages.append(m)
+        if m["type"] == "transcript.final":
+            got_final.set()
+
+    running = asyncio.create_task(stream(session_url(router.url, interim_results=False), audio, speed=2.0,
+                                         on_message=on_message))
+    await asyncio.wait_for(got_final.wait(), 60)
+    victim = next(w for w in workers if w.health()["active_sessions"] == 1)
+    survivor = next(w for w in workers if w is not victim)
+    victim.proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    result = await asyncio.wait_for(running, 30)
+    lost_after = time.monotonic() - killed_at
+
+    (error,) = result.of("error")
+    assert error["code"] == "worker_lost" and error["recoverable"] is False
+    end = result.end
+    assert end is not None and end["incomplete"] is True
+    assert [s["text"] for s in end["segments"]] == [f["text"] for f in result.finals] and result.finals
+    assert end["transcript"] == " ".join(f["text"] for f in result.finals)
+    assert 0 < end["total_duration"] <= audio.seconds
+    assert result.messages[-2:] == [error, end] and result.close_code == 1011
+
+    # New sessions go to the survivor at once; the dead worker drops out of the registry within its TTL.
+    opened = [await open_session(session_url(router.url)) for _ in range(2)]
+    try:
+        assert survivor.health()["active_sessions"] == 2
+        code, _ = await _try_open(router.url)
+        assert code == 1013
+    finally:
+        for ws, _ in opened:
+            await ws.close()
+    deadline = killed_at + 3 * HEARTBEAT_S + 2.0
+    while victim.worker_id in {w["worker_id"] for w in router.workers()} and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    gone_after = time.monotonic() - killed_at
+    assert victim.worker_id not in {w["worker_id"] for w in router.workers()}
+    print(f"\nworker_lost reached the client {lost_after:.2f} s after SIGKILL; "
+          f"the worker left /workers after {gone_after:.2f} s (TTL {3 * HEARTBEAT_S} s)")
