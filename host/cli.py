@@ -33,15 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run a worker (WebSocket /session, HTTP /health and /engines)")
     defaults = Settings(worker_id="-", endpoint="-")
     for name, (var, help_text) in ENV.items():
-        flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, dest=name, default=None, type=type(getattr(defaults, name)),
-                       help=f"{help_text} [env {var}, default {getattr(defaults, name) if name not in ('worker_id', 'endpoint') else 'derived'}]")
+        value = getattr(defaults, name)
+        shown = "derived" if name in ("worker_id", "endpoint") else ("none" if value == "" else value)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=_flag_type(getattr(defaults, name)),
+                       help=f"{help_text} [env {var}, default {shown}]")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("route", help="run a session router in front of the workers in a shared registry (Redis)")
     router_defaults = RouterSettings()
     for name, (var, help_text) in ROUTER_ENV.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=type(getattr(router_defaults, name)),
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=_flag_type(getattr(router_defaults, name)),
                        help=f"{help_text} [env {var}, default {getattr(router_defaults, name) or 'none'}]")
     p.set_defaults(run=cmd_route)
 
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_type(default):
+    """The argparse converter for a setting: ``bool("false")`` would be True, so booleans parse words."""
+    if isinstance(default, bool):
+        from host.settings import _bool
+
+        return _bool
+    return type(default)
+
+
 def setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -98,11 +108,21 @@ def cmd_serve(args) -> int:
     from host.server import StartupError, run_worker
 
     async def serve() -> None:
-        stop = asyncio.Event()
+        stop, force = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            # The first signal drains (open sessions may finish); a second one ends them now.
+            if stop.is_set():
+                log.info("second signal: ending open sessions now")
+                force.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop)
+            loop.add_signal_handler(sig, on_signal)
+        reload = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, reload.set)  # re-read engines.d without a restart
+        await run_worker(settings, stop, force=force, reload=reload)
 
     try:
         asyncio.run(serve())

@@ -115,8 +115,16 @@ class WorkerInfo:
     languages: list[str]
     version: str
     started_at: float
-    catalog: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    """Per engine id: its ``models`` and ``languages``, so a router can match a request exactly."""
+    catalog: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per engine id: its public description (as ``GET /engines`` shows it), so a router can match
+    a request exactly and describe the engines it offers."""
+
+    def engine_catalog(self) -> dict[str, dict[str, Any]]:
+        """The catalog, or one built from the flat lists when a worker registered none."""
+        if self.catalog:
+            return self.catalog
+        caps = {"models": self.models, "languages": self.languages}
+        return {e: {"id": e, "capabilities": caps} for e in self.engines}
 
 
 @dataclass
@@ -152,18 +160,18 @@ class WorkerRecord:
 
     def serves(self, engine: str | None, model: str | None, language: str | None) -> bool:
         """Whether some engine on this worker takes a session with these query parameters."""
-        catalog = self.info.catalog or {e: {"models": self.info.models, "languages": self.info.languages}
-                                        for e in self.info.engines}
+        catalog = self.info.engine_catalog()
         if engine is not None:
             catalog = {engine: catalog[engine]} if engine in catalog else {}
         elif catalog:
             # Without ``engine`` the worker picks its first engine, so only that one counts.
             first = next(iter(catalog))
             catalog = {first: catalog[first]}
-        for spec in catalog.values():
-            if model is not None and model not in spec.get("models", []):
+        for description in catalog.values():
+            caps = description.get("capabilities", {})
+            if model is not None and model not in caps.get("models", []):
                 continue
-            langs = set(spec.get("languages", []))
+            langs = set(caps.get("languages", []))
             # {"all", "*", "auto"} is engines.ANY_LANGUAGE: the engine takes any language.
             if language in (None, "", "auto") or language in langs or langs & {"all", "*", "auto"}:
                 return True

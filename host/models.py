@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -37,6 +38,8 @@ class LoadedEngine:
     asr: AsrEngine
     assembler: Assembler
     load_seconds: float = 0.0
+    shared_keys: frozenset = frozenset()
+    """Keys of :meth:`ModelManager.shared` objects this engine uses (kept alive while it is loaded)."""
 
     @property
     def id(self) -> str:
@@ -62,9 +65,58 @@ class ModelManager:
         for spec in specs:
             self.engines[spec.id] = await asyncio.to_thread(self._build, spec)
 
+    async def reload(self, specs: list[EngineSpec], failed_files: set[Path]) -> dict[str, list[str]]:
+        """Make ``specs`` the loaded engines, building only new or changed ones (off the loop).
+
+        An engine whose file is now invalid (in ``failed_files``) or whose models fail
+        to load keeps its previous version. Removed engines stop being offered; open
+        sessions hold their own reference and finish on it. Returns what changed.
+        """
+        old = dict(self.engines)
+        new: dict[str, LoadedEngine] = {}
+        report: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": [], "failed": []}
+        for spec in specs:
+            prev = old.get(spec.id)
+            if prev is not None and prev.spec.raw == spec.raw:
+                new[spec.id] = prev
+                continue
+            try:
+                new[spec.id] = await asyncio.to_thread(self._build, spec)
+                report["changed" if prev is not None else "added"].append(spec.id)
+            except ComponentError as exc:
+                log.error("%s", exc)
+                report["failed"].append(spec.id)
+                if prev is not None:
+                    new[spec.id] = prev
+        for engine_id, prev in old.items():
+            if engine_id in new:
+                continue
+            if Path(prev.spec.file).resolve() in failed_files:
+                new[engine_id] = prev  # its file is broken now: keep serving the last good version
+                report["kept"].append(engine_id)
+            else:
+                report["removed"].append(engine_id)
+        # File order, as at start-up: the first engine is the default one and must not move.
+        self.engines = dict(sorted(new.items(), key=lambda item: Path(item[1].spec.file).name))
+        self._prune_shared()
+        return report
+
+    def _prune_shared(self) -> None:
+        """Forget shared objects no loaded engine uses (sessions still using them keep them alive)."""
+        used = set().union(*(e.shared_keys for e in self.engines.values())) if self.engines else set()
+        with self._lock:
+            for key in [k for k in self._shared if k not in used]:
+                del self._shared[key]
+
     def _build(self, spec: EngineSpec) -> LoadedEngine:
         t0 = time.perf_counter()
-        context = LoadContext(shared=self.shared, engine_id=spec.id)
+        used: set = set()
+
+        def shared(key: tuple, loader: Callable[[], Any]) -> Any:
+            used.add(key)
+            return self.shared(key, loader)
+
+        context = LoadContext(shared=shared, engine_id=spec.id)
         built = {}
         for stage in ("vad", "asr", "assembler"):
             st = spec.pipeline[stage]
@@ -88,6 +140,7 @@ class ModelManager:
             asr=built["asr"],
             assembler=built["assembler"],
             load_seconds=seconds,
+            shared_keys=frozenset(used),
         )
 
     def memory(self) -> dict[str, Any]:

@@ -87,6 +87,12 @@ class Announcer:
         self.registered = False
         self._wake = asyncio.Event()
 
+    def update(self, info: WorkerInfo) -> None:
+        """The worker's description changed (engines reloaded): register it again at once."""
+        self.info = info
+        self.registered = False
+        self._wake.set()
+
     def nudge(self) -> None:
         """The worker's state changed: heartbeat soon rather than at the next interval."""
         self._wake.set()

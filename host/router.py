@@ -32,10 +32,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from host import __version__
 from host import sender as msg
+from host.auth import ApiKeyError, ApiKeys
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.plugins import PluginSet, load_plugins
 from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.server import SESSION_PATHS, _json_response
+from host.server import SESSION_PATHS, _json_response, _unauthorized
 from host.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -223,12 +224,16 @@ class Router:
         self.started_at = time.time()
         self._server: Server | None = None
         self._closing = False
+        try:
+            self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
+        except ApiKeyError as exc:
+            raise RouterError(str(exc)) from None
 
     async def start(self) -> None:
         offered = {"url": self.settings.redis_url or None}
         try:
             directory = await build_registry(self.plugins, self.settings.registry, offered,
-                                             LoadContext(shared={}, engine_id=""))
+                                             LoadContext(shared=lambda key, loader: loader(), engine_id=""))
         except RegistryConfigError as exc:
             hint = "" if self.settings.redis_url else " (set REDIS_URL or --redis-url to the workers' Redis)"
             raise RouterError(f"{exc}{hint}") from None
@@ -269,9 +274,12 @@ class Router:
     # --- HTTP -----------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request):
+        url = urlsplit(request.path)
+        path = url.path
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if path in SESSION_PATHS and not self.api_keys.allows(request.headers, url.query):
+                return _unauthorized()
             return None
-        path = urlsplit(request.path).path
         if path == "/health":
             status, body = await self.health()
             return _json_response(status, body)
@@ -445,15 +453,13 @@ class Router:
 
 
 def engines_of(workers: list[WorkerRecord]) -> list[dict]:
-    """The engines live workers serve, merged: id, models, languages and how many workers serve it."""
+    """The engines live workers serve: each one's description (from the first worker that has it)
+    and how many workers serve it."""
     merged: dict[str, dict] = {}
     for w in workers:
-        catalog = w.info.catalog or {e: {"models": w.info.models, "languages": w.info.languages} for e in w.info.engines}
-        for engine, spec in catalog.items():
-            entry = merged.setdefault(engine, {"id": engine, "models": [], "languages": [], "workers": 0})
+        for engine, description in w.info.engine_catalog().items():
+            entry = merged.setdefault(engine, {**description, "workers": 0})
             entry["workers"] += 1
-            entry["models"] = sorted(set(entry["models"]) | set(spec.get("models", [])))
-            entry["languages"] = sorted(set(entry["languages"]) | set(spec.get("languages", [])))
     return list(merged.values())
 
 

@@ -163,6 +163,16 @@ class Scheduler:
         for q in self.queues.values():
             q.stop()
 
+    def depths(self) -> dict[tuple[str, str], int]:
+        """Jobs waiting per (queue name, priority name), for metrics."""
+        names = {FINAL: "final", SPECULATIVE: "speculative", PARTIAL: "partial"}
+        out = {}
+        for q in self.queues.values():
+            with q._count_lock:
+                counts = dict(q._waiting)
+            out.update({(q.name, names[p]): n for p, n in counts.items()})
+        return out
+
     def stats(self) -> dict[str, Any]:
         return {
             q.name: {"threads": q.threads, "waiting": q.depth, "running": q.busy, "completed": q.completed,

@@ -15,6 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,9 +24,12 @@ from websockets.http11 import Response
 
 from host import __version__
 from host import sender as msg
+from host.auth import ApiKeyError, ApiKeys
 from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
+from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from host.models import ModelManager, trim_memory_loop
+from host.recording import SessionRecorder, retention_loop
 from host.plugins import PluginSet, load_plugins
 from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
 from host.scheduler import Scheduler
@@ -66,6 +70,16 @@ class Worker:
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
         self._vad_batchers: dict[int, VadBatcher] = {}
+        try:
+            self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
+        except ApiKeyError as exc:
+            raise StartupError(str(exc)) from None
+        self.metrics = Metrics(self._metrics_state)
+        self.sessions_dir = Path(settings.sessions_dir) if settings.sessions_dir else None
+        self._recording_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec")
+        self._retention: asyncio.Task | None = None
+        self._reloader: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
         self.services = SessionServices(
             worker_id=settings.worker_id,
             scheduler=self.scheduler,
@@ -74,9 +88,17 @@ class Worker:
             partial_interval_s=settings.partial_interval_s,
             lag_warning_s=settings.lag_warning_s,
             lag_limit_s=settings.lag_limit_s,
+            metrics=self.metrics,
+            idle_timeout_s=settings.idle_timeout_s,
+            max_session_s=settings.max_session_s,
+            max_control_per_s=settings.max_control_per_s,
+            recorder=self._recorder if self.sessions_dir is not None else None,
             on_started=self._session_started,
             on_ended=self._session_ended,
         )
+
+    def _recorder(self, session_id: str) -> SessionRecorder:
+        return SessionRecorder(self.sessions_dir, session_id, self._recording_io)
 
     def _vad_batcher(self, model) -> VadBatcher:
         batcher = self._vad_batchers.get(id(model))
@@ -97,10 +119,13 @@ class Worker:
             process_request=self._http,
             # Frames above max_frame_bytes get a recoverable error; only absurd ones are cut off.
             max_size=max(4 * self.settings.max_frame_bytes, 1 << 20),
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=self.settings.ping_interval_s or None,
+            ping_timeout=self.settings.ping_interval_s or None,
             compression=None,
         )
+        if self.api_keys.enabled:
+            log.info("API keys required for /session (%d configured)%s", len(self.api_keys.keys),
+                     " and /metrics" if self.settings.metrics_auth else "")
         log.info("listening on %s:%d (worker %s)", self.settings.host, self.port, self.settings.worker_id)
         specs, errors = load_engines(self.settings.engines_dir, self.plugins)
         for error in errors:
@@ -113,24 +138,38 @@ class Worker:
         self._heartbeat = asyncio.create_task(self.announcer.run(self._stop))
         if self.settings.memory_trim_s > 0:
             self._trimmer = asyncio.create_task(trim_memory_loop(self.settings.memory_trim_s, self._stop))
+        if self.sessions_dir is not None:
+            log.info("recording sessions to %s%s", self.sessions_dir,
+                     f" (kept {self.settings.sessions_retention_s:.0f} s)" if self.settings.sessions_retention_s else "")
+            if self.settings.sessions_retention_s > 0:
+                self._retention = asyncio.create_task(
+                    retention_loop(self.sessions_dir, self.settings.sessions_retention_s, self._stop))
         self.plugins.hook.startup(worker=self)
         self.status = READY
         self.ready_after_s = time.perf_counter() - t0
         log.info("ready in %.2f s: engines %s, %s", self.ready_after_s, ", ".join(self.models.engines),
                  _mib(self.models.memory()["rss_bytes"]))
 
-    async def shutdown(self) -> None:
-        """Stop accepting, end open sessions (session.end + close 1001), deregister."""
+    async def shutdown(self, force: asyncio.Event | None = None) -> None:
+        """Drain, then stop: refuse new sessions (1013, /health 503 ``draining``), let open sessions
+        run up to ``drain_timeout_s`` (or until ``force`` is set), end the rest with session.end and
+        close 1001, deregister."""
         if self.status == DRAINING and self._stop.is_set():
             return
         self.status = DRAINING
         if self.announcer is not None:
             self.announcer.nudge()  # routers stop choosing this worker now, not at the next heartbeat
+        if self.sessions and self.settings.drain_timeout_s > 0:
+            log.info("draining: %d open session(s), up to %.0f s", len(self.sessions), self.settings.drain_timeout_s)
+            await self._wait_sessions_done(self.settings.drain_timeout_s, force)
         if self._server is not None:
             self._server.close(close_connections=False)
         await asyncio.gather(*(s.stop(1001) for s in list(self.sessions)), return_exceptions=True)
         self._stop.set()
-        await asyncio.gather(*(t for t in (self._heartbeat, self._trimmer) if t is not None), return_exceptions=True)
+        if self._reloader is not None:
+            self._reloader.cancel()
+        await asyncio.gather(*(t for t in (self._heartbeat, self._trimmer, self._retention, self._reloader)
+                               if t is not None), return_exceptions=True)
         if self.registry is not None:
             await call_quietly("deregister", self.registry.deregister())
         self.plugins.hook.shutdown(worker=self)
@@ -139,7 +178,56 @@ class Worker:
             await self._server.wait_closed()
         self.scheduler.stop()
         self._vad_executor.shutdown(wait=False, cancel_futures=True)
+        self._recording_io.shutdown(wait=True)  # every recording is complete on disk
         log.info("worker %s stopped", self.settings.worker_id)
+
+    async def _wait_sessions_done(self, timeout_s: float, force: asyncio.Event | None) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.sessions and time.monotonic() < deadline and not (force is not None and force.is_set()):
+            await asyncio.sleep(0.05)
+
+    # --- live engine reload ---------------------------------------------------------
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read the engines directory and apply it without dropping open sessions.
+
+        New and changed engines load their models off the loop and become selectable;
+        removed ones stop taking sessions while open sessions finish on them; an invalid
+        file is reported (file: path: reason) and the engine it held keeps its last good version.
+        """
+        async with self._reload_lock:
+            specs, errors = await asyncio.to_thread(load_engines, self.settings.engines_dir, self.plugins)
+            for error in errors:
+                log.error("engine reload: %s", error)
+            failed = {Path(e.file).resolve() for e in errors}
+            report = await self.models.reload(specs, failed)
+            report["errors"] = [str(e) for e in errors]
+            if self.announcer is not None:
+                self.announcer.update(self.worker_info())
+            changes = ", ".join(f"{k} {' '.join(v)}" for k, v in report.items() if v and k != "errors")
+            log.info("engines reloaded: %s; serving %s", changes or "no change", ", ".join(self.models.engines) or "none")
+            return report
+
+    def reload_on(self, request: asyncio.Event) -> None:
+        """Reload whenever ``request`` is set (SIGHUP), and on changes when ENGINES_WATCH_S > 0."""
+        self._reloader = asyncio.create_task(self._reload_loop(request))
+
+    async def _reload_loop(self, request: asyncio.Event) -> None:
+        watch = self.settings.engines_watch_s
+        seen = await asyncio.to_thread(_directory_state, self.settings.engines_dir) if watch > 0 else None
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(request.wait(), timeout=watch if watch > 0 else None)
+            except asyncio.TimeoutError:
+                now = await asyncio.to_thread(_directory_state, self.settings.engines_dir)
+                if now == seen:
+                    continue
+                seen = now
+            request.clear()
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a failed reload must leave the worker serving
+                log.exception("engine reload failed; the previous engines keep serving")
 
     @property
     def port(self) -> int:
@@ -156,7 +244,16 @@ class Worker:
         except RegistryConfigError as exc:
             raise StartupError(str(exc)) from None
 
-    # --- state for health and the registry ------------------------------------
+    # --- state for health, metrics and the registry -----------------------------
+
+    def _metrics_state(self) -> dict:
+        return {
+            "active_sessions": len(self.sessions),
+            "capacity": self.settings.max_sessions,
+            "status": self.status,
+            "queue_depth": self.scheduler.depths(),
+            "memory": self.models.memory(),
+        }
 
     def worker_info(self) -> WorkerInfo:
         engines = list(self.models.engines.values())
@@ -169,7 +266,7 @@ class Worker:
             languages=sorted({lang for e in engines for lang in e.spec.languages}),
             version=__version__,
             started_at=self.started_at,
-            catalog={e.id: {"models": e.spec.models, "languages": e.spec.languages} for e in engines},
+            catalog={e.id: e.spec.describe() for e in engines},
         )
 
     def worker_status(self) -> WorkerStatus:
@@ -196,9 +293,20 @@ class Worker:
     # --- HTTP -----------------------------------------------------------------
 
     def _http(self, connection: ServerConnection, request) -> Response | None:
+        url = urlsplit(request.path)
+        path = url.path
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if path in SESSION_PATHS and not self.api_keys.allows(request.headers, url.query):
+                self.metrics.refused.labels("unauthorized").inc()
+                return _unauthorized()
             return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
-        path = urlsplit(request.path).path
+        if path == "/metrics":
+            if self.settings.metrics_auth and not self.api_keys.allows(request.headers, url.query):
+                return _unauthorized()
+            data = self.metrics.render()
+            headers = Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(data))),
+                               ("Cache-Control", "no-store")])
+            return Response(200, "OK", headers, data)
         if path == "/health":
             status, body = self.health()
             return _json_response(status, body)
@@ -219,9 +327,11 @@ class Worker:
             await ws.close(1008, "Invalid path")
             return
         if self.status != READY:
+            self.metrics.refused.labels(self.status).inc()
             await ws.close(1013, f"Server {self.status}")
             return
         if len(self.sessions) + self._reserved >= self.settings.max_sessions:
+            self.metrics.refused.labels("capacity").inc()
             await ws.close(1013, "Server at capacity")
             return
         self._reserved += 1
@@ -231,6 +341,8 @@ class Worker:
                 engine = pick_engine(query, self.models.engines)
                 config = parse_session_config(query, engine.spec)
             except ConfigError as exc:
+                self.metrics.refused.labels("invalid_config").inc()
+                self.metrics.errors.labels("invalid_config").inc()
                 await ws.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
                 await ws.close(1008, "Invalid config")
                 return
@@ -252,6 +364,7 @@ class Worker:
     async def _session_ended(self, info: SessionInfo, record: SessionRecord) -> None:
         log.info("session %s ended: status=%s audio=%.1fs speech=%.1fs segments=%d",
                  record.session_id, record.status, record.audio_seconds, record.speech_seconds, record.segments)
+        self.metrics.sessions.labels(record.status).inc()
         _call_hook(self.plugins.hook.session_ended, session=info, record=record)
         if self.announcer is not None:
             self.announcer.record(record)
@@ -265,6 +378,21 @@ def _call_hook(hook, **kwargs) -> None:
         log.exception("%s hook failed", hook.name)
 
 
+def _directory_state(directory: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of the engine files: what a watcher compares."""
+    try:
+        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.yaml"))
+    except OSError:
+        return []
+
+
+def _unauthorized() -> Response:
+    response = _json_response(401, {"error": "unauthorized",
+                                    "message": "an API key is required: Authorization: Bearer KEY or ?api_key=KEY"})
+    response.headers["WWW-Authenticate"] = 'Bearer realm="engine-host"'
+    return response
+
+
 def _json_response(status: int, body) -> Response:
     data = json.dumps(body).encode()
     headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
@@ -276,12 +404,15 @@ def _mib(n: int) -> str:
     return f"RSS {n / 2**20:.0f} MiB"
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Worker:
-    """Start a worker, serve until ``stop`` is set, then shut it down."""
+async def run_worker(settings: Settings, stop: asyncio.Event, plugins: PluginSet | None = None,
+                     force: asyncio.Event | None = None, reload: asyncio.Event | None = None) -> Worker:
+    """Start a worker, serve until ``stop`` is set, then drain (cut short by ``force``) and shut down.
+    Setting ``reload`` re-reads the engines directory."""
     worker = Worker(settings, plugins)
     try:
         await worker.start()
+        worker.reload_on(reload if reload is not None else asyncio.Event())
         await stop.wait()
     finally:
-        await worker.shutdown()
+        await worker.shutdown(force)
     return worker

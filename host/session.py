@@ -28,8 +28,11 @@ from host import sender as msg
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
 from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechStart
+from host.limits import TokenBucket
+from host.metrics import Metrics
 from host.models import LoadedEngine
 from host.partials import LocalAgreement
+from host.recording import SessionRecorder
 from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
 from host.sender import Sender
 from host.session_config import ConfigError, SessionConfig, check_language
@@ -53,8 +56,17 @@ class SessionServices:
     """A final waiting this long after its endpoint triggers a processing_lag warning."""
     lag_limit_s: float
     """...and this long ends the session with a processing_lag error."""
-    on_started: Callable[[SessionInfo], None]
-    on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]]
+    metrics: Metrics
+    idle_timeout_s: float = 0.0
+    """No client message for this long ends the session (0: never)."""
+    max_session_s: float = 0.0
+    """A session open this long is ended (0: no limit)."""
+    max_control_per_s: float = 0.0
+    """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
+    recorder: Callable[[str], SessionRecorder] | None = None
+    """Makes the recorder of a session id; None: recording is off."""
+    on_started: Callable[[SessionInfo], None] = lambda info: None
+    on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
 
 
 class Session:
@@ -72,7 +84,11 @@ class Session:
         self.model = engine.asr.variants[config.model]
         self.queue = services.scheduler.queue_for(self.model.key, self.model.parallelism)
         self.info = SessionInfo(self.id, engine.id, config.public(), services.worker_id)
+        self.recorder = services.recorder(self.id) if services.recorder is not None else None
         self.started_at = time.time()
+        self._opened = self._last_message = time.monotonic()
+        self._control_rate = TokenBucket(services.max_control_per_s, 2 * services.max_control_per_s)
+        self._rate_reported = 0.0
         self.speech_seconds = 0.0
         self.errors: dict[str, int] = {}
         self._ws = ws
@@ -97,9 +113,10 @@ class Session:
         """Serve the connection until ``end``, a disconnect, or :meth:`stop`."""
         self.services.on_started(self.info)
         await self.out.send(msg.session_begin(self.id, self.engine.id, self.config.public()))
-        watchdog = asyncio.create_task(self._watch_lag())
+        watchdog = asyncio.create_task(self._watch())
         try:
             async for message in self._ws:
+                self._last_message = time.monotonic()
                 if isinstance(message, bytes):
                     await self._on_audio(message)
                 else:
@@ -116,7 +133,8 @@ class Session:
             await self.finish(1000 if self._status == "completed" else 1011)
             watchdog.cancel()
             record = self.record()
-            await self.services.on_ended(self.info, record)
+            if self.services.on_ended is not None:
+                await self.services.on_ended(self.info, record)
 
     async def stop(self, code: int = 1001, reason: str = "worker shutting down") -> None:
         """End the session from the server side: finalize, send session.end, close."""
@@ -145,11 +163,24 @@ class Session:
                 log.exception("session %s: finalizing failed", self.id)
         if self._tail is not None:
             await self._tail
-        await self.out.send(msg.session_end(
-            self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
-            self.transcript.segments, self.config.word_timestamps,
-        ))
+        end = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
+                              self.transcript.segments, self.config.word_timestamps)
+        if self.recorder is not None:
+            uris = await self.recorder.close(self._recorded_transcript())
+            if uris is not None:
+                end["audio_uri"], end["transcript_uri"] = uris
+        await self.out.send(end)
         await self.out.close(code, reason)
+
+    def _recorded_transcript(self) -> dict[str, Any]:
+        """The transcript JSON of a recording: session.end with words, plus config and timings."""
+        document = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
+                                   self.transcript.segments, with_words=True)
+        del document["type"]
+        document.update(worker_id=self.services.worker_id, engine=self.engine.id, config=self.config.public(),
+                        status=self._status, error=self._error, started_at=self.started_at, ended_at=time.time(),
+                        audio_file=self.recorder.wav_path.name)
+        return document
 
     def record(self) -> SessionRecord:
         return SessionRecord(
@@ -183,11 +214,27 @@ class Session:
                 await self._process(samples)
         await self._check_lag()
 
-    async def _watch_lag(self, every_s: float = 0.25) -> None:
-        """Check the lag between frames too: a client may stop sending while finals fall behind."""
+    async def _watch(self, every_s: float = 0.25) -> None:
+        """Check limits between frames too: a client may stop sending while finals fall behind."""
         while not self._finished:
             await asyncio.sleep(every_s)
             await self._check_lag()
+            await self._check_time_limits()
+
+    async def _check_time_limits(self) -> None:
+        now, s = time.monotonic(), self.services
+        if self._finished:
+            return
+        if s.idle_timeout_s and now - self._last_message >= s.idle_timeout_s:
+            self._status, self._error = "error", "idle_timeout"
+            await self._report("idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
+                               recoverable=False)
+            await self.finish(1008, "Idle timeout")
+        elif s.max_session_s and now - self._opened >= s.max_session_s:
+            self._status, self._error = "error", "max_duration"
+            await self._report("max_duration", f"the session reached the {s.max_session_s:g} s limit; ending it",
+                               recoverable=False)
+            await self.finish(1008, "Session too long")
 
     async def _check_lag(self) -> None:
         """Warn when finals fall behind; past the hard limit end the session rather than drift."""
@@ -207,6 +254,13 @@ class Session:
                                             f"{lag:.1f} s late", lag_s=round(lag, 2)))
 
     async def _on_text(self, text: str) -> None:
+        if not self._control_rate.take():
+            now = time.monotonic()
+            if now - self._rate_reported >= 1.0:  # one error a second, not one per dropped message
+                self._rate_reported = now
+                await self._report("rate_limited", f"more than {self.services.max_control_per_s:g} control "
+                                   "messages per second; extra messages are dropped", recoverable=True)
+            return
         try:
             message = json.loads(text)
         except ValueError as exc:
@@ -257,6 +311,9 @@ class Session:
     async def _process(self, samples: np.ndarray) -> None:
         """Buffer and endpoint one frame's samples (caller holds the lock)."""
         self.buffer.append(samples)
+        self.services.metrics.audio_seconds.inc(len(samples) / SAMPLE_RATE)
+        if self.recorder is not None:
+            self.recorder.append(samples)
         windows = self.vad.take_windows(samples)
         if not len(windows):
             return
@@ -314,6 +371,7 @@ class Session:
 
     def _finalize(self, utterance: Utterance, start: int, end: int) -> None:
         self.speech_seconds += utterance.end - utterance.start
+        self.services.metrics.speech_seconds.inc(utterance.end - utterance.start)
         ticket = None
         spec, self._speculative = self._speculative, None
         if spec is not None:
@@ -334,10 +392,12 @@ class Session:
                                f"{type(exc).__name__}", recoverable=True)
             return
         finally:
-            self._awaiting.pop(utterance.id, None)
+            endpointed_at = self._awaiting.pop(utterance.id, None)
         segment = self.transcript.add(utterance, result)
         if segment is not None:
             await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
+            if endpointed_at is not None:
+                self.services.metrics.final_latency.observe(time.monotonic() - endpointed_at)
 
     def _request_partial(self) -> None:
         """Ask for a partial of the open utterance when enough new audio came since the last one."""
@@ -358,9 +418,9 @@ class Session:
             stale=lambda: self._utterance is None or self._utterance[0] != uid,
         )
         self._partial = (uid, ticket)
-        asyncio.create_task(self._deliver_partial(uid, start, pos, ticket))
+        asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
 
-    async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket) -> None:
+    async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket, asked_at: float) -> None:
         try:
             result = await ticket.future
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a skipped or failed partial is just dropped
@@ -373,6 +433,7 @@ class Session:
             text = self._agreement.update(result.text)
             if text:
                 await self.out.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
+                self.services.metrics.partial_latency.observe(time.monotonic() - asked_at)
         self._request_partial()
 
     def _after_finals(self, send: Callable[[], Awaitable[Any]]) -> None:
@@ -394,6 +455,7 @@ class Session:
 
     async def _report(self, code: str, message: str, recoverable: bool) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+        self.services.metrics.errors.labels(code).inc()
         log.info("session %s: %s (%s)", self.id, code, message)
         await self.out.send(msg.error(code, message, recoverable))
 

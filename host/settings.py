@@ -34,6 +34,27 @@ class Settings:
     """Seconds between returns of freed C-heap memory to the OS (0: never)."""
     vad_threads: int = 0
     """Threads for per-frame VAD work (0: one per CPU core)."""
+    idle_timeout_s: float = 30.0
+    """A session with no client message for this long ends with error idle_timeout (0: never)."""
+    max_session_s: float = 14400.0
+    """A session open this long ends with error max_duration (0: no limit)."""
+    max_control_per_s: float = 50.0
+    """Sustained JSON control messages per second a session may send (bursts of twice that)."""
+    ping_interval_s: float = 20.0
+    """WebSocket keepalive pings; a client that does not answer within the same time is dropped."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, open sessions may run this long before they are finalized and closed 1001."""
+    api_keys: str = ""
+    """Comma-separated API keys; set: /session needs one."""
+    api_keys_file: str = ""
+    metrics_auth: bool = False
+    """Whether GET /metrics needs an API key too."""
+    engines_watch_s: float = 0.0
+    """Poll the engines directory this often and reload on change (0: reload on SIGHUP only)."""
+    sessions_dir: str = ""
+    """Where to record each session's audio (WAV) and transcript (JSON); empty: recording off."""
+    sessions_retention_s: float = 0.0
+    """Recordings older than this are deleted (0: kept forever)."""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -63,6 +84,17 @@ ENV = {
     "lag_limit_s": ("LAG_LIMIT_S", "a final this late ends the session with error processing_lag"),
     "memory_trim_s": ("MEMORY_TRIM_S", "seconds between returning freed heap memory to the OS (0: never)"),
     "vad_threads": ("VAD_THREADS", "threads for VAD work (0: one per CPU core)"),
+    "idle_timeout_s": ("IDLE_TIMEOUT_S", "a session with no client message this long ends with idle_timeout (0: never)"),
+    "max_session_s": ("MAX_SESSION_S", "a session open this long ends with max_duration (0: no limit)"),
+    "max_control_per_s": ("MAX_CONTROL_PER_S", "JSON control messages per second a session may send (bursts of 2x)"),
+    "ping_interval_s": ("PING_INTERVAL_S", "seconds between WebSocket keepalive pings (0: none)"),
+    "drain_timeout_s": ("DRAIN_TIMEOUT_S", "on SIGTERM, seconds open sessions may go on before they are closed 1001"),
+    "api_keys": ("ENGINE_HOST_API_KEYS", "comma-separated API keys; when set, /session needs one"),
+    "api_keys_file": ("ENGINE_HOST_API_KEYS_FILE", "file of API keys, one per line"),
+    "metrics_auth": ("METRICS_AUTH", "require an API key for GET /metrics too"),
+    "engines_watch_s": ("ENGINES_WATCH_S", "poll engines_dir this often and reload on change (0: on SIGHUP only)"),
+    "sessions_dir": ("SESSIONS_DIR", "record each session's audio (WAV) and transcript (JSON) here; empty: off"),
+    "sessions_retention_s": ("SESSIONS_RETENTION_S", "delete recordings older than this many seconds (0: keep)"),
     "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -86,6 +118,9 @@ class RouterSettings:
     ping_interval_s: float = 5.0
     """WebSocket pings to workers; a worker that stops answering for two intervals is lost."""
     max_frame_bytes: int = 1 << 20
+    api_keys: str = ""
+    """Checked at the router's handshake too, so a client without a key gets HTTP 401 there."""
+    api_keys_file: str = ""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -104,6 +139,8 @@ ROUTER_ENV = {
     "suspect_s": ("ROUTER_SUSPECT_S", "seconds an unreachable worker is skipped unless it heartbeats again"),
     "ping_interval_s": ("ROUTER_PING_INTERVAL_S", "seconds between pings to workers; two unanswered = worker lost"),
     "max_frame_bytes": ("MAX_FRAME_BYTES", "frame size the workers accept (the router passes up to 4x through)"),
+    "api_keys": ("ENGINE_HOST_API_KEYS", "comma-separated API keys, checked at the router's handshake"),
+    "api_keys_file": ("ENGINE_HOST_API_KEYS_FILE", "file of API keys, one per line"),
     "log_level": ("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
 }
 

@@ -7,7 +7,9 @@ import json
 import signal
 import time
 
+import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from host.client import read_wav, session_url
 
@@ -35,24 +37,43 @@ def test_health_is_503_starting_until_models_load(tmp_path):
         assert worker.stop() == 0
 
 
-async def test_sigterm_ends_open_sessions_with_1001(tmp_path, speech_by_id):
-    worker = WorkerProcess(tmp_path)
+async def test_sigterm_drains_then_ends_open_sessions_with_1001(tmp_path, speech_by_id):
+    """SIGTERM: new sessions are refused and /health says draining while open sessions go on
+    working; at the drain deadline each gets its finals, session.end and close 1001."""
+    worker = WorkerProcess(tmp_path, drain_timeout_s=3)
     worker.wait_healthy()
     audio = read_wav(speech_by_id["jfk"].path)
+    second = 16000 * 2
     try:
         async with connect(session_url(worker.url)) as ws:
             assert json.loads(await ws.recv())["type"] == "session.begin"
-            await ws.send(audio.pcm[: 16000 * 2 * 4])  # 4 s of speech, still open
+            await ws.send(audio.pcm[: 4 * second])  # 4 s of speech, still open
             await asyncio.sleep(0.5)
             worker.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.sleep(0.3)
+            status, health = http_get(worker.http + "/health")
+            assert (status, health["status"]) == (503, "draining")
+            async with connect(session_url(worker.url)) as refused:
+                with pytest.raises(ConnectionClosed):
+                    await refused.recv()
+            assert (refused.close_code, refused.close_reason) == (1013, "Server draining")
+            # The open session still works while draining: more audio, a flush, its final.
+            await ws.send(audio.pcm[4 * second: 8 * second])
+            await ws.send(json.dumps({"type": "flush"}))
             messages = []
             async for raw in ws:
                 messages.append(json.loads(raw))
+                if messages[-1]["type"] == "flush.done":
+                    flushed_after = time.monotonic() - signalled
+            closed_after = time.monotonic() - signalled
         assert ws.close_code == 1001
         kinds = [m["type"] for m in messages]
-        assert kinds[-1] == "session.end"
-        assert "transcript.final" in kinds  # the open utterance was finalized, not lost
-        assert messages[-1]["transcript"]
+        assert "flush.done" in kinds and flushed_after < 3
+        assert kinds[-1] == "session.end" and kinds.count("transcript.final") >= 1
+        assert messages[-1]["total_duration"] == pytest.approx(8.0, abs=0.01)
+        assert messages[-1]["transcript"].lower().startswith("and so my fellow americans")
+        assert 3 <= closed_after < 10
     finally:
         code = worker.stop()
     assert code == 0

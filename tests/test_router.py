@@ -9,7 +9,7 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from host.client import concat, read_wav, session_url, silence, stream
 
@@ -85,8 +85,8 @@ def test_router_lists_workers_and_health(cluster):
     status, health = http_get(router.http + "/health")
     assert status == 200 and health["status"] == "healthy" and health["ready_workers"] == 2 and health["free"] == 4
     status, engines = http_get(router.http + "/engines")
-    assert status == 200 and engines == [{"id": "whisper-streaming", "models": ["accurate", "fast"],
-                                          "languages": ["en"], "workers": 2}]
+    direct = http_get(workers[0].http + "/engines")[1]
+    assert status == 200 and engines == [{**direct[0], "workers": 2}]  # bench reads endpointing from here
     assert http_get(router.http + "/nope")[0] == 404
 
 
@@ -153,6 +153,22 @@ async def _try_open(url: str):
         return exc.rcvd.code if exc.rcvd else 1006, None
 
 
+async def test_router_checks_api_keys_at_its_handshake(cluster, tmp_path):
+    redis_server, workers, _ = cluster
+    router = RouterProcess(tmp_path, redis_server.url, api_keys="secret-1")
+    try:
+        router.wait_healthy()
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(session_url(router.url)):
+                pass
+        assert refused.value.response.status_code == 401
+        ws, begin = await open_session(session_url(router.url, api_key="secret-1"))
+        assert (await end_session(ws))["session_id"] == begin["session_id"]
+    finally:
+        router.stop()
+    assert "secret-1" not in router.log()
+
+
 async def test_unreachable_worker_is_skipped_for_the_next(cluster):
     """A registered worker that does not answer (here: a record pointing at a closed port, with
     the most free capacity so it is tried first) costs one failed connect, then the router goes on."""
@@ -162,7 +178,7 @@ async def test_unreachable_worker_is_skipped_for_the_next(cluster):
     r.hset(key, mapping={
         "worker_id": "ghost", "endpoint": f"ws://127.0.0.1:{free_port()}", "capacity": "10", "engines": '["whisper-streaming"]',
         "models": '["fast", "accurate"]', "languages": '["en"]', "version": "0", "started_at": str(time.time()),
-        "catalog": '{"whisper-streaming": {"models": ["fast", "accurate"], "languages": ["en"]}}',
+        "catalog": json.dumps({"whisper-streaming": {"capabilities": {"models": ["fast"], "languages": ["en"]}}}),
         "status": "ready", "active_sessions": "0", "memory": "{}", "last_heartbeat": str(time.time()),
     })
     r.expire(key, 30)

@@ -1,0 +1,157 @@
+"""API keys, /metrics, idle timeout, session length limit and control-message rate, on one real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from host.client import concat, read_wav, session_url, silence, stream
+
+from .support import WorkerProcess, http_get
+
+KEYS = ("key-one", "key-two")
+AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A worker with API keys, a 1.5 s idle timeout, an 8 s session limit and 5 control messages/s."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text(f"# operators' keys\n{KEYS[1]}\n\n")
+    w = WorkerProcess(tmp_path_factory.mktemp("guarded"), api_keys=KEYS[0], api_keys_file=keys_file,
+                      idle_timeout_s=1.5, max_session_s=8, max_control_per_s=5)
+    w.wait_healthy()
+    yield w
+    w.stop()
+    log = w.log()
+    assert "Traceback" not in log, log
+    assert not any(k in log for k in KEYS), "an API key was logged"
+
+
+def metrics(worker) -> dict[str, float]:
+    with urllib.request.urlopen(worker.http + "/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+async def collect(ws) -> list[dict]:
+    """Every message until the server closes, whatever the close code."""
+    messages = []
+    try:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+    except ConnectionClosed:
+        pass
+    return messages
+
+
+async def refused_status(url: str, headers=None) -> int:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, additional_headers=headers):
+            pass
+    return info.value.response.status_code
+
+
+async def test_api_keys_guard_sessions_not_health(guarded):
+    assert await refused_status(session_url(guarded.url)) == 401
+    assert await refused_status(session_url(guarded.url), {"Authorization": "Bearer nope"}) == 401
+    assert await refused_status(session_url(guarded.url, api_key="nope")) == 401
+    assert await refused_status(session_url(guarded.url), {"Authorization": f"Basic {KEYS[0]}"}) == 401
+    for url, headers in ((session_url(guarded.url), AUTH), (session_url(guarded.url, api_key=KEYS[0]), None)):
+        async with connect(url, additional_headers=headers) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.begin"
+    assert http_get(guarded.http + "/health")[0] == 200
+    assert http_get(guarded.http + "/engines")[0] == 200
+    assert metrics(guarded)['engine_host_sessions_refused_total{reason="unauthorized"}'] >= 4
+
+
+async def test_idle_session_is_ended_with_idle_timeout(guarded):
+    async with connect(session_url(guarded.url), additional_headers=AUTH) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.begin"
+        t0 = time.monotonic()
+        messages = await collect(ws)
+        waited = time.monotonic() - t0
+    assert [m["type"] for m in messages] == ["error", "session.end"]
+    assert messages[0]["code"] == "idle_timeout" and messages[0]["recoverable"] is False
+    assert (ws.close_code, ws.close_reason) == (1008, "Idle timeout")
+    assert 1.5 <= waited < 5
+
+
+async def test_session_length_limit(guarded, speech_by_id):
+    """Audio keeps coming (so it is not idle), but the session may not outlive max_session_s."""
+    audio = read_wav(speech_by_id["jfk"].path)
+    result = await stream(session_url(guarded.url, api_key=KEYS[0]), concat(audio, audio), speed=1.0)
+    error = result.of("error")[-1]
+    assert error["code"] == "max_duration" and error["recoverable"] is False
+    assert result.close_code == 1008 and result.messages[-1]["type"] == "session.end"
+    assert 7.9 <= result.end["total_duration"] < 10
+    assert result.finals, "speech before the limit is transcribed and kept"
+
+
+async def test_control_message_flood_is_rate_limited_and_session_survives(guarded, speech_by_id):
+    async with connect(session_url(guarded.url), additional_headers=AUTH, max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.begin"
+        for _ in range(40):
+            await ws.send(json.dumps({"type": "config", "language": "en"}))
+        await asyncio.sleep(1.2)  # the bucket refills
+        await ws.send(concat(read_wav(speech_by_id["jfk"].path), silence(1.0)).pcm)
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await collect(ws)
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["rate_limited"]  # one report, not one per dropped message
+    assert errors[0]["recoverable"] is True
+    assert messages[-1]["type"] == "session.end" and messages[-1]["transcript"]
+    assert ws.close_code == 1000
+
+
+async def test_metrics_count_sessions_audio_latency_and_errors(guarded, speech_by_id):
+    before = metrics(guarded)
+    audio = concat(read_wav(speech_by_id["jfk"].path), silence(1.0))
+    result = await stream(session_url(guarded.url, api_key=KEYS[0]), audio, speed=None)
+    assert result.finals
+    await asyncio.sleep(0.2)  # the session's end is counted after its socket closes
+    after = metrics(guarded)
+    key = 'engine_host_sessions_total{status="completed"}'
+    assert after[key] - before.get(key, 0) == 1
+    assert after["engine_host_audio_seconds_total"] - before["engine_host_audio_seconds_total"] == pytest.approx(
+        audio.seconds, abs=0.01)
+    assert after["engine_host_speech_seconds_total"] > before["engine_host_speech_seconds_total"]
+    finals = len(result.finals)
+    assert after["engine_host_final_latency_seconds_count"] - before["engine_host_final_latency_seconds_count"] == finals
+    assert after['engine_host_errors_total{code="idle_timeout"}'] >= 1
+    assert after["engine_host_active_sessions"] == 0 and after["engine_host_capacity"] == 16
+    assert after["engine_host_ready"] == 1
+    assert after['engine_host_memory_bytes{device="cpu",kind="rss"}'] > 100e6
+    assert any(k.startswith("engine_host_queue_depth{") for k in after)
+
+
+async def test_metrics_can_require_a_key(tmp_path):
+    w = WorkerProcess(tmp_path, api_keys=KEYS[0], metrics_auth="true")
+    try:
+        w.wait_healthy()
+        assert http_get(w.http + "/metrics")[0] == 401
+        request = urllib.request.Request(w.http + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            assert r.status == 200 and b"engine_host_active_sessions" in r.read()
+        assert http_get(w.http + "/health")[0] == 200
+    finally:
+        w.stop()
+
+
+async def test_missing_key_file_is_a_clear_startup_error(tmp_path):
+    w = WorkerProcess(tmp_path, api_keys_file=tmp_path / "absent.txt")
+    assert w.proc.wait(60) == 1
+    w.stop()
+    assert "cannot read API key file" in w.log() and "Traceback" not in w.log()
