@@ -1,7 +1,8 @@
 """Optional API keys for ``/session`` (and ``/metrics`` when asked), checked at the handshake.
 
-A key is taken from ``Authorization: Bearer KEY`` or, for browsers that cannot
-set headers on a WebSocket, from the ``api_key`` query parameter. Keys are
+A key is taken from ``Authorization: Bearer KEY`` (or ``Token KEY``, as Deepgram
+clients send it), the ``xi-api-key`` header (ElevenLabs clients) or, for browsers
+that cannot set headers on a WebSocket, the ``api_key`` query parameter. Keys are
 compared in constant time and never logged.
 """
 
@@ -44,7 +45,8 @@ class ApiKeys:
         """Whether the request carries a valid key (always true when no keys are configured)."""
         if not self.keys:
             return True
-        offered = _bearer(headers.get("Authorization", "")) or dict(parse_qsl(query)).get("api_key", "")
+        offered = (_bearer(headers.get("Authorization", "")) or headers.get("xi-api-key", "")
+                   or dict(parse_qsl(query)).get("api_key", ""))
         if not offered:
             return False
         candidate = offered.encode()
@@ -57,4 +59,4 @@ class ApiKeys:
 
 def _bearer(value: str) -> str:
     scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+    return token.strip() if scheme.lower() in ("bearer", "token") else ""

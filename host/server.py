@@ -25,6 +25,7 @@ from websockets.http11 import Response
 from host import __version__
 from host import sender as msg
 from host.auth import ApiKeyError, ApiKeys
+from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
 from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
@@ -41,6 +42,8 @@ from host.vad import VadBatcher
 log = logging.getLogger(__name__)
 
 SESSION_PATHS = ("/session", "/v1/audio/transcriptions/stream")
+
+load_dialects()  # /v1/realtime (OpenAI), /v1/speech-to-text/realtime (ElevenLabs), /v1/listen (Deepgram)
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
 
@@ -296,7 +299,7 @@ class Worker:
         url = urlsplit(request.path)
         path = url.path
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            if path in SESSION_PATHS and not self.api_keys.allows(request.headers, url.query):
+            if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
                 self.metrics.refused.labels("unauthorized").inc()
                 return _unauthorized()
             return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
@@ -323,7 +326,8 @@ class Worker:
             await ws.send(json.dumps(body))
             await ws.close(1000)
             return
-        if url.path not in SESSION_PATHS:
+        dialect = DIALECTS.get(url.path)
+        if url.path not in SESSION_PATHS and dialect is None:
             await ws.close(1008, "Invalid path")
             return
         if self.status != READY:
@@ -337,16 +341,21 @@ class Worker:
         self._reserved += 1
         try:
             query = dict(parse_qsl(url.query, keep_blank_values=True))
+            conn = ws
             try:
+                if dialect is not None:
+                    # Another vendor's protocol: translated both ways around the same session.
+                    conn = DialectConnection(ws, dialect())
+                    query = conn.dialect.configure(query, ws.request.headers)
                 engine = pick_engine(query, self.models.engines)
                 config = parse_session_config(query, engine.spec)
             except ConfigError as exc:
                 self.metrics.refused.labels("invalid_config").inc()
                 self.metrics.errors.labels("invalid_config").inc()
-                await ws.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
-                await ws.close(1008, "Invalid config")
+                await conn.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
+                await conn.close(1008, "Invalid config")
                 return
-            session = Session(ws, engine, config, self.services)
+            session = Session(conn, engine, config, self.services)
         finally:
             self._reserved -= 1
         self.sessions.add(session)
