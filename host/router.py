@@ -36,7 +36,8 @@ from host.auth import ApiKeyError, ApiKeys
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.plugins import PluginSet, load_plugins
 from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.server import SESSION_PATHS, _json_response, _unauthorized
+from host.server import SESSION_PATHS, _json_response, _unauthorized, static_response
+from host.static import load_static
 from host.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -224,12 +225,14 @@ class Router:
         self.started_at = time.time()
         self._server: Server | None = None
         self._closing = False
+        self.static: dict[str, tuple[str, bytes]] = {}
         try:
             self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
         except ApiKeyError as exc:
             raise RouterError(str(exc)) from None
 
     async def start(self) -> None:
+        self.static = await asyncio.to_thread(load_static)
         offered = {"url": self.settings.redis_url or None}
         try:
             directory = await build_registry(self.plugins, self.settings.registry, offered,
@@ -295,6 +298,8 @@ class Router:
             except Exception as exc:  # noqa: BLE001
                 return _json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
             return _json_response(200, engines_of(workers))
+        if path in self.static:
+            return static_response(*self.static[path])
         return _json_response(404, {"error": "not found", "path": path})
 
     async def health(self) -> tuple[int, dict]:

@@ -37,6 +37,7 @@ from host.scheduler import Scheduler
 from host.session import Session, SessionServices
 from host.session_config import ConfigError, parse_session_config, pick_engine
 from host.settings import Settings
+from host.static import load_static
 from host.vad import VadBatcher
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Worker:
         self._recording_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec")
         self._retention: asyncio.Task | None = None
         self._reloader: asyncio.Task | None = None
+        self.static: dict[str, tuple[str, bytes]] = {}
         self._reload_lock = asyncio.Lock()
         self.services = SessionServices(
             worker_id=settings.worker_id,
@@ -113,6 +115,7 @@ class Worker:
 
     async def start(self) -> None:
         t0 = time.perf_counter()
+        self.static = await asyncio.to_thread(load_static)
         for error in self.plugins.errors:
             log.error("%s", error)
         self._server = await serve(
@@ -315,6 +318,8 @@ class Worker:
             return _json_response(status, body)
         if path == "/engines":
             return _json_response(200, [e.spec.describe() for e in self.models.engines.values()])
+        if path in self.static:
+            return static_response(*self.static[path])
         return _json_response(404, {"error": "not found", "path": path})
 
     # --- WebSocket ---------------------------------------------------------------
@@ -393,6 +398,12 @@ def _directory_state(directory: Path) -> list[tuple[str, int, int]]:
         return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.yaml"))
     except OSError:
         return []
+
+
+def static_response(content_type: str, body: bytes) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-cache")])
+    return Response(200, "OK", headers, body)
 
 
 def _unauthorized() -> Response:
