@@ -201,7 +201,8 @@ class Endpointer:
         if self._state == _SPEECH:
             events.append(self._close(self.position, "clear"))
         self._state = _SILENCE
-        self._floor = self.position
+        # Never lower the floor: a flush may have closed an utterance past the last whole window.
+        self._floor = max(self._floor, self.position)
         return events
 
     def _track(self, p: float, end: int) -> None:

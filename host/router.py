@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -33,11 +33,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from host import __version__
 from host import sender as msg
 from host.auth import ApiKeyError, ApiKeys
+from host.compat import DIALECTS, DialectConnection
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.plugins import PluginSet, load_plugins
 from host.registry import RegistryConfigError, build_registry, call_quietly
 from host.server import SESSION_PATHS, _json_response, _unauthorized, static_response
 from host.static import load_static
+from host.session_config import ConfigError
 from host.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -280,7 +282,7 @@ class Router:
         url = urlsplit(request.path)
         path = url.path
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            if path in SESSION_PATHS and not self.api_keys.allows(request.headers, url.query):
+            if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
                 return _unauthorized()
             return None
         if path == "/health":
@@ -336,13 +338,29 @@ class Router:
             await ws.send(json.dumps(body))
             await ws.close(1000)
             return
-        if url.path not in SESSION_PATHS:
+        dialect = DIALECTS.get(url.path)
+        if url.path not in SESSION_PATHS and dialect is None:
             await ws.close(1008, "Invalid path")
             return
         if self._closing:
             await ws.close(1013, "Router draining")
             return
-        wanted = Wanted.from_query(dict(parse_qsl(url.query, keep_blank_values=True)))
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        client, target = ws, (url.path, url.query)
+        if dialect is not None:
+            # The router speaks the vendor's protocol itself and native /session to the worker,
+            # so it sees session.begin and the finals like in any routed session.
+            client = DialectConnection(ws, dialect())
+            try:
+                native = client.dialect.configure(query, ws.request.headers)
+            except ConfigError as exc:
+                await client.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
+                await client.close(1008, "Invalid config")
+                return
+            if "api_key" in query:
+                native["api_key"] = query["api_key"]
+            query, target = native, ("/session", urlencode(native))
+        wanted = Wanted.from_query(query)
         try:
             workers = await self.directory.workers()
         except Exception as exc:  # noqa: BLE001
@@ -358,7 +376,7 @@ class Router:
                 continue  # filled up since we read it (another router, a burst)
             attempts += 1
             try:
-                upstream, begin = await self._open(ws, worker, url)
+                upstream, begin = await self._open(client, worker, *target)
             except Refused as exc:
                 log.info("worker %s refused a session (%s); trying the next", worker.info.worker_id, exc)
                 await self._release(worker, lease)
@@ -372,7 +390,7 @@ class Router:
             if upstream is None:  # the worker rejected the config; the client has its error and close
                 await self._release(worker, lease)
                 return
-            await self._relay(ws, upstream, worker, lease, begin)
+            await self._relay(client, upstream, worker, lease, begin)
             return
         await ws.close(1013, "No worker available" if workers else "No worker registered")
 
@@ -386,16 +404,17 @@ class Router:
     async def _release(self, worker: WorkerRecord, lease: str) -> None:
         await call_quietly("release", self.directory.release(worker.info.worker_id, lease))
 
-    async def _open(self, ws: ServerConnection, worker: WorkerRecord, url) -> tuple[ClientConnection | None, dict]:
+    async def _open(self, ws, worker: WorkerRecord, path: str, query: str) -> tuple[ClientConnection | None, dict]:
         """Connect to the worker and wait for session.begin.
 
         Returns (None, {}) when the worker rejected the session for a reason the
         client must see (e.g. invalid_config): that message and the close are relayed.
         """
-        target = worker.info.endpoint.rstrip("/") + url.path + (f"?{url.query}" if url.query else "")
+        target = worker.info.endpoint.rstrip("/") + path + (f"?{query}" if query else "")
         headers = [("X-Forwarded-For", _peer(ws))]
-        if "Authorization" in ws.request.headers:
-            headers.append(("Authorization", ws.request.headers["Authorization"]))
+        for name in ("Authorization", "xi-api-key"):
+            if name in ws.request.headers:
+                headers.append((name, ws.request.headers[name]))
         timeout = self.settings.connect_timeout_s
         try:
             upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
@@ -468,8 +487,8 @@ def engines_of(workers: list[WorkerRecord]) -> list[dict]:
     return list(merged.values())
 
 
-def _peer(ws: ServerConnection) -> str:
-    address = ws.remote_address
+def _peer(ws) -> str:
+    address = getattr(ws, "remote_address", None)
     return str(address[0]) if address else ""
 
 

@@ -101,7 +101,10 @@ class Sender:
         if self.gone:
             return False
         try:
-            await self.ws.send(json.dumps(message, ensure_ascii=False))
+            try:
+                await self.ws.send(json.dumps(message, ensure_ascii=False))
+            except UnicodeEncodeError:  # lone surrogates echoed from client input: send them escaped
+                await self.ws.send(json.dumps(message))
         except ConnectionClosed:
             self.gone = True
             return False

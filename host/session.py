@@ -254,19 +254,22 @@ class Session:
                                             f"{lag:.1f} s late", lag_s=round(lag, 2)))
 
     async def _on_text(self, text: str) -> None:
-        if not self._control_rate.take():
+        try:
+            if nested_deeper_than(text, MAX_JSON_DEPTH):
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            message = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            await self._report("invalid_json", f"malformed JSON: {str(exc)[:200]}", recoverable=True)
+            return
+        kind = message.get("type") if isinstance(message, dict) else None
+        # `end` always goes through: dropping it would leave the client waiting for session.end.
+        if kind != "end" and not self._control_rate.take():
             now = time.monotonic()
             if now - self._rate_reported >= 1.0:  # one error a second, not one per dropped message
                 self._rate_reported = now
                 await self._report("rate_limited", f"more than {self.services.max_control_per_s:g} control "
                                    "messages per second; extra messages are dropped", recoverable=True)
             return
-        try:
-            message = json.loads(text)
-        except ValueError as exc:
-            await self._report("invalid_json", f"malformed JSON: {exc}", recoverable=True)
-            return
-        kind = message.get("type") if isinstance(message, dict) else None
         handler = {
             "config": self._on_config,
             "flush": self._on_flush,
@@ -284,7 +287,7 @@ class Session:
         unknown = sorted(set(message) - {"type", "language"})
         try:
             if unknown:
-                raise ConfigError(unknown[0], "cannot be changed during a session (only language can)")
+                raise ConfigError(ascii(unknown[0]), "cannot be changed during a session (only language can)")
             if "language" in message:
                 self.language = check_language(message["language"], self.engine.spec)
         except ConfigError as exc:
@@ -458,6 +461,35 @@ class Session:
         self.services.metrics.errors.labels(code).inc()
         log.info("session %s: %s (%s)", self.id, code, message)
         await self.out.send(msg.error(code, message, recoverable))
+
+
+MAX_JSON_DEPTH = 64
+"""Control messages are flat; deeper JSON is refused before parsing, so the answer does not depend
+on how much of Python's recursion limit the call stack has used."""
+
+
+def nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit`` (a scan only when there are enough)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
 
 
 def _is_disconnect(exc: BaseException) -> bool:

@@ -22,9 +22,8 @@ how many audio bytes the session accepts. The checks then compare what the worke
 * afterwards the worker is healthy, has no open session, logged every session's end, and its log
   holds no Traceback.
 
-Bugs the fuzzer found are pinned by the ``test_known_*`` tests at the end (strict xfail, one minimal
-reproduction each). Until they are fixed the fuzz test tolerates exactly those symptoms, counts them
-and prints the count; ``FUZZ_STRICT=1`` tolerates none of them.
+Four bugs the fuzzer found (now fixed) keep one minimal regression test each, ``test_found_*`` at
+the end, and their triggers stay in the random mix.
 """
 
 from __future__ import annotations
@@ -58,24 +57,12 @@ CAPACITY = 6
 CONCURRENCY = 3
 """Sessions the fuzzer runs at once; below CAPACITY because aborted sessions linger while finalizing."""
 MIN_CASES = 2000
-STRICT = os.environ.get("FUZZ_STRICT") == "1"
-"""Known server bugs (the test_known_* tests below pin each one, strict xfail) are tolerated by default,
-narrowly and counted, so the fuzz test guards everything else; FUZZ_STRICT=1 tolerates none of them
-and puts the messages that crash a session back into the random mix. Remove an entry once its
-test_known_* test XPASSes."""
 CRASHING_TEXTS = {
     # A config field named by a lone surrogate: echoing it in invalid_config cannot be encoded as UTF-8.
     "surrogate_config_key": '{"type": "config", "\\ud800": "en"}',
     # Valid JSON nested 1000 deep: json.loads raises RecursionError, which is not a ValueError.
     "deep_nesting": "[" * 1000 + "]" * 1000,
 }
-KNOWN_FINAL_FAILURE = re.compile(r"transcription of utterance \d+ failed: IndexError$")
-"""An utterance of a few ms (a flush or end right after a loud partial VAD window) makes faster-whisper's
-word alignment raise IndexError: recoverable internal_error, no final, a Traceback in the log."""
-KNOWN_TRACEBACK = ("find_alignment", "IndexError: boolean index did not match")
-VAD_WINDOW_S = 512 / 16000
-"""clear after a flush lowers the endpointer's floor to the last whole VAD window: the next utterance
-may start up to one window before the flushed one ended (and total_speech_duration counts it twice)."""
 BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
 CONTROL_TYPES = ("config", "flush", "clear", "end")
 SERVER_TYPES = {"session.begin", "vad.speech_start", "vad.speech_end", "transcript.partial", "transcript.final",
@@ -157,6 +144,25 @@ class DecoderModel:
         return self.accepted // self.frame_bytes
 
 
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting outside JSON strings (an independent check of the server's limit)."""
+    deepest = depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif in_string and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+        elif not in_string and ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif not in_string and ch in "]}":
+            depth -= 1
+    return deepest
+
+
 class Oracle:
     """Predicts the server's answer to a text message."""
 
@@ -166,13 +172,12 @@ class Oracle:
 
     def text(self, text: str) -> tuple[str | None, str | None]:
         """(expected error code, control type) of a text frame."""
+        if json_depth(text) > 64:  # docs/protocol.md: deeper control messages are invalid_json
+            return "invalid_json", None
         try:
             m = json.loads(text)
         except ValueError:
             return "invalid_json", None
-        except RecursionError:  # too deep for Python, but valid JSON: an array is not an object
-            assert text.lstrip().startswith("["), "the oracle cannot tell"
-            return "unknown_message", None
         kind = m.get("type") if isinstance(m, dict) else None
         if not isinstance(kind, str) or kind not in CONTROL_TYPES:
             return "unknown_message", None
@@ -273,7 +278,7 @@ def text_case(r: random.Random, allow_clear: bool = True) -> tuple[str, str]:
             '{"type": "flush", "\\ud83d": 1}',
             '{"\\ud800": "flush"}',
             '["\\ud800"]',
-            *([CRASHING_TEXTS["surrogate_config_key"]] if STRICT else []),
+            CRASHING_TEXTS["surrogate_config_key"],
         ])
     if k < 0.96:
         # Nested JSON, but not so deep that Python's recursion limit is near (see CRASHING_TEXTS).
@@ -293,7 +298,7 @@ def huge_text(r: random.Random) -> tuple[str, str]:
         ("huge_unknown", json.dumps({"type": "y" * n})),
         ("huge_list", json.dumps([0] * (n // 3))),
         ("huge_invalid", '{"type": "flush", "pad": "' + "z" * n),
-        *([("deep_nesting", "[" * (n // 2) + "]" * (n // 2))] if STRICT else []),
+        ("deep_nesting", "[" * (n // 2) + "]" * (n // 2)),
     ])
 
 
@@ -662,8 +667,8 @@ def check_error_shape(m: dict, codes: set[str], where: str) -> None:
     assert isinstance(m["recoverable"], bool), f"{where}: recoverable is not a boolean: {m}"
 
 
-def check_outcome(o: Outcome, codes: set[str], known: Counter) -> None:
-    """Check one session against the protocol; count tolerated known bugs in ``known``."""
+def check_outcome(o: Outcome, codes: set[str]) -> None:
+    """Check one session against the protocol."""
     p = o.plan
     where = f"session #{p.index} ({p.kind}, ending {p.ending}, query {p.query!r})"
     assert o.raw_binary == 0, f"{where}: the server sent binary frames"
@@ -692,10 +697,7 @@ def check_outcome(o: Outcome, codes: set[str], known: Counter) -> None:
     assert types.count("session.begin") == 1, f"{where}: session.begin repeated"
     assert o.messages[0]["config"] == p.config, f"{where}: session.begin config {o.messages[0]['config']} != {p.config}"
     errors = [m for m in o.messages if m["type"] == "error"]
-    tolerated = [e for e in errors if not STRICT and e["code"] == "internal_error" and e["recoverable"]
-                 and KNOWN_FINAL_FAILURE.search(e["message"])]
-    known["final_index_error"] += len(tolerated)
-    received = [e["code"] for e in errors if not any(e is t for t in tolerated)]
+    received = [e["code"] for e in errors]
     expected = [a.expect for a in p.actions[:o.sent] if a.expect]
     non_recoverable = [e for e in errors if not e["recoverable"]]
     assert not non_recoverable, f"{where}: a non-recoverable error ended the session: {non_recoverable}"
@@ -712,16 +714,7 @@ def check_outcome(o: Outcome, codes: set[str], known: Counter) -> None:
     assert kinds == ["vad.speech_start", "vad.speech_end"] * (len(kinds) // 2) + ["vad.speech_start"] * (len(kinds) % 2), (
         f"{where}: vad events do not alternate: {kinds}")
     stamps = [m["timestamp"] for m in vad]
-    overlap = 0.0
-    for i in range(1, len(stamps)):
-        if stamps[i] >= stamps[i - 1]:
-            continue
-        back = stamps[i - 1] - stamps[i]
-        if not STRICT and kinds[i] == "vad.speech_start" and back <= VAD_WINDOW_S + 1e-3:
-            known["start_before_previous_end"] += 1
-            overlap += back
-            continue
-        raise AssertionError(f"{where}: vad timestamps go backwards: {stamps}")
+    assert stamps == sorted(stamps), f"{where}: vad timestamps go backwards: {stamps}"
     assert [f["segment_id"] for f in finals] == list(range(len(finals))), f"{where}: segment ids {finals}"
     finished_utterances = set()
     for m in o.messages:
@@ -750,7 +743,7 @@ def check_outcome(o: Outcome, codes: set[str], known: Counter) -> None:
         if p.config["enable_vad"]:
             assert kinds.count("vad.speech_start") == kinds.count("vad.speech_end"), f"{where}: utterance left open"
             assert all(0 <= t <= end["total_duration"] + 1e-3 for t in stamps), f"{where}: vad stamps {stamps}"
-        assert end["total_speech_duration"] <= end["total_duration"] + overlap + 2e-3, (
+        assert end["total_speech_duration"] <= end["total_duration"] + 2e-3, (
             f"{where}: more speech ({end['total_speech_duration']} s) than audio ({end['total_duration']} s)")
         if p.speech:
             assert end["transcript"].strip(), f"{where}: real speech with garbage interleaved lost its transcript"
@@ -776,7 +769,7 @@ def traceback_blocks(log: str) -> list[str]:
 
 def test_fuzz_protocol(tmp_path, speech):
     seed = int(os.environ.get("FUZZ_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"\nFUZZ_SEED={seed}" + (" FUZZ_STRICT=1" if STRICT else ""))
+    print(f"\nFUZZ_SEED={seed}")
     r = random.Random(seed)
     codes = documented_error_codes()
     clips = [read_wav(u.path).pcm for u in sorted(speech, key=lambda u: u.id)
@@ -817,9 +810,8 @@ def test_fuzz_protocol(tmp_path, speech):
         speech_ends = [o.messages[-1].get("transcript") for o in outcomes if o.plan.speech and o.messages]
         print("speech transcripts:", speech_ends)
 
-        known = Counter()
         for o in outcomes:
-            check_outcome(o, codes, known)
+            check_outcome(o, codes)
         assert frames >= MIN_CASES, f"only {frames} cases sent"
 
         worker.wait_idle(timeout=60)
@@ -831,10 +823,7 @@ def test_fuzz_protocol(tmp_path, speech):
         unrecorded = [sid for sid in begun if f"session {sid} ended" not in log]
         assert not unrecorded, f"sessions never recorded as ended: {unrecorded}"
         blocks = traceback_blocks(log)
-        unknown = [b for b in blocks if STRICT or not all(sign in b for sign in KNOWN_TRACEBACK)]
-        known["final_index_error_traceback"] += len(blocks) - len(unknown)
-        print("known bugs tolerated:", dict(known) or "none")
-        assert not unknown, f"FUZZ_SEED={seed}: the worker logged a Traceback:\n" + "\n...\n".join(unknown[:5])
+        assert not blocks, f"FUZZ_SEED={seed}: the worker logged a Traceback:\n" + "\n...\n".join(blocks[:5])
     finally:
         worker.stop()
 
@@ -863,14 +852,12 @@ async def one_session(worker, frames: list, query: str = "") -> tuple[list[dict]
     return messages, ws.close_code
 
 
-# The fuzzer's findings, one minimal reproduction each. Each fails today (strict xfail); when one
-# passes, its bug is fixed: remove the xfail and the matching tolerance above (STRICT, CRASHING_TEXTS).
+# The fuzzer's findings, one minimal reproduction each, kept as regression tests.
 
 
-@pytest.mark.xfail(strict=True, reason="fuzzer finding: these text messages crash the session")
 @pytest.mark.parametrize("name", sorted(CRASHING_TEXTS))
-async def test_known_crashing_text(plain_worker, name):
-    """surrogate_config_key: the connection drops (1006) with no error and no session.end, and the worker
+async def test_found_crashing_text(plain_worker, name):
+    """Was: surrogate_config_key dropped the connection (1006) with no error and no session.end, and the worker
     logs a UnicodeEncodeError Traceback. deep_nesting: internal_error (not recoverable), close 1011 and a
     RecursionError Traceback. Either must draw a recoverable error like any other bad message."""
     before = len(plain_worker.log())
@@ -889,9 +876,8 @@ def jfk_at_4s(speech_by_id, seconds: float) -> bytes:
     return pcm[start:start + int(seconds * 16000) * 2]
 
 
-@pytest.mark.xfail(strict=True, reason="fuzzer finding: a few-ms utterance's final fails with IndexError")
-async def test_known_tiny_utterance_final(plain_worker, speech_by_id):
-    """0.31 s of speech, flush, then 17 ms of loud noise and end: the end finalizes a 17 ms utterance
+async def test_found_tiny_utterance_final(plain_worker, speech_by_id):
+    """Was: 0.31 s of speech, flush, then 17 ms of loud noise and end: the end finalized a 17 ms utterance
     (0.31-0.327 s), faster-whisper's word alignment raises IndexError on it (finals are always decoded
     with word timestamps), and the session gets internal_error (recoverable) and a Traceback is logged."""
     noise = np.random.default_rng(4).integers(-32768, 32767, 270, dtype=np.int16).astype("<i2").tobytes()
@@ -902,9 +888,8 @@ async def test_known_tiny_utterance_final(plain_worker, speech_by_id):
     assert "Traceback" not in plain_worker.log()[before:]
 
 
-@pytest.mark.xfail(strict=True, reason="fuzzer finding: clear after flush lets the next utterance overlap")
-async def test_known_clear_after_flush_overlap(plain_worker, speech_by_id):
-    """flush ends the utterance at 0.31 s (beyond the last whole VAD window, 0.288 s); clear then sets the
+async def test_found_clear_after_flush_overlap(plain_worker, speech_by_id):
+    """Was: flush ends the utterance at 0.31 s (beyond the last whole VAD window, 0.288 s); clear then set the
     endpointer's floor back to 0.288 s, so the next utterance starts at 0.288 s, before the previous
     vad.speech_end, and total_speech_duration (0.349 s) exceeds total_duration (0.327 s)."""
     speech = jfk_at_4s(speech_by_id, 0.327)

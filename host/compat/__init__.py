@@ -84,5 +84,17 @@ class DialectConnection:
     def close_code(self):
         return self.ws.close_code
 
+    @property
+    def close_reason(self):
+        return self.ws.close_reason
+
+    @property
+    def state(self):
+        return self.ws.state
+
+    @property
+    def remote_address(self):
+        return self.ws.remote_address
+
 
 __all__ = ["ConnectionClosed", "DIALECTS", "Dialect", "DialectConnection", "load_dialects"]

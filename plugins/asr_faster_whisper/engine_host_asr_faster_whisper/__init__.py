@@ -152,6 +152,21 @@ class WhisperVariant:
         else:
             settings = dict(beam_size=self.beam_size, best_of=self.best_of, temperature=self.temperature,
                             word_timestamps=word_timestamps)
+        try:
+            texts, logprobs, words, info = self._decode(audio, language, settings)
+        except IndexError:
+            if not settings["word_timestamps"]:
+                raise
+            # faster-whisper's word alignment fails on a few milliseconds of audio (e.g. an
+            # utterance a flush cut to 17 ms): the text is still worth having, without words.
+            texts, logprobs, words, info = self._decode(audio, language, {**settings, "word_timestamps": False})
+        if words:
+            confidence = float(np.mean([w.probability for w in words]))
+        else:
+            confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
+        return AsrResult("".join(texts).strip(), words, info.language, confidence)
+
+    def _decode(self, audio: np.ndarray, language: str | None, settings: dict):
         segments, info = self.model.transcribe(
             audio,
             language=language,
@@ -162,18 +177,13 @@ class WhisperVariant:
             **settings,
         )
         words: list[Word] = []
-        texts = []
-        logprobs = []
-        for seg in segments:
+        texts, logprobs = [], []
+        for seg in segments:  # a generator: decoding happens here
             texts.append(seg.text)
             logprobs.append(seg.avg_logprob)
             for w in seg.words or []:
                 words.append(Word(w.word, float(w.start), float(w.end), float(w.probability)))
-        if words:
-            confidence = float(np.mean([w.probability for w in words]))
-        else:
-            confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
-        return AsrResult("".join(texts).strip(), words, info.language, confidence)
+        return texts, logprobs, words, info
 
 
 class FasterWhisperEngine:
