@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from host import __version__
+from host.formats import FORMATS
 from host.settings import ENV, ROUTER_ENV, RouterSettings, Settings, settings_from
 
 log = logging.getLogger("host")
@@ -59,17 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", type=Path, default=None, help="a directory or one .yaml file")
     p.set_defaults(run=cmd_validate)
 
-    p = sub.add_parser("transcribe", help="stream a WAV file to a server and print the transcript")
-    p.add_argument("file", type=Path)
-    p.add_argument("--url", help="ws://host:port of a running worker (default: start one in-process)")
+    p = sub.add_parser("transcribe", help="stream a WAV file (or the microphone) to a server and print the transcript")
+    p.add_argument("file", type=Path, nargs="?", help="a WAV file (omit with --mic)")
+    p.add_argument("--url", help="ws://host:port of a worker or router (default: start a worker in-process)")
+    p.add_argument("--mic", action="store_true", help="stream the default microphone until Ctrl-C (extra: mic)")
+    p.add_argument("--format", choices=FORMATS, default="text", help="transcript format (default text)")
+    p.add_argument("--output", "-o", type=Path, help="write the transcript here instead of stdout")
     p.add_argument("--realtime", action="store_true", help="send audio at real-time pace")
     p.add_argument("--speed", type=float, default=None, help="send at this multiple of real time")
     p.add_argument("--engine")
     p.add_argument("--model")
     p.add_argument("--language")
+    p.add_argument("--api-key", help="API key for a server that requires one (sent as api_key)")
     p.add_argument("--word-timestamps", action="store_true")
     p.add_argument("--no-vad", action="store_true", help="enable_vad=false: one utterance per flush/end")
-    p.add_argument("--json", action="store_true", help="print the session.end message as JSON")
+    p.add_argument("--json", action="store_true", help="same as --format json (the session.end message)")
     p.add_argument("--engines-dir", type=Path, default=None)
     p.set_defaults(run=cmd_transcribe)
 
@@ -247,48 +252,18 @@ def cmd_bench(args) -> int:
 
 def cmd_transcribe(args) -> int:
     setup_logging("WARNING")
-    from host.client import read_wav, session_url, stream
+    from host import transcribe
 
-    audio = read_wav(args.file)
-    speed = args.speed if args.speed else (1.0 if args.realtime else None)
-    params = dict(engine=args.engine, model=args.model, language=args.language,
-                  word_timestamps=args.word_timestamps or None, enable_vad=False if args.no_vad else None,
-                  sample_rate=audio.sample_rate if audio.sample_rate != 16000 else None,
-                  channels=audio.channels if audio.channels != 1 else None)
-
-    def show(message: dict) -> None:
-        if message["type"] == "transcript.final" and not args.json:
-            print(f"[{message['start']:7.2f} - {message['end']:7.2f}] {message['text']}", flush=True)
-        elif message["type"] == "error":
-            print(f"error {message['code']}: {message['message']}", file=sys.stderr)
-
-    async def run() -> int:
-        if args.url:
-            result = await stream(session_url(args.url, **params), audio, speed=speed, on_message=show)
-        else:
-            from host.server import Worker
-
-            settings = settings_from(port=0, host="127.0.0.1", log_level="WARNING",
-                                     engines_dir=args.engines_dir, worker_id="transcribe", endpoint="-")
-            worker = Worker(settings)
-            await worker.start()
-            try:
-                url = session_url(f"ws://127.0.0.1:{worker.port}", **params)
-                result = await stream(url, audio, speed=speed, on_message=show)
-            finally:
-                await worker.shutdown()
-        end = result.end
-        if end is None:
-            print(f"no session.end received (close {result.close_code} {result.close_reason})", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(end, indent=2, ensure_ascii=False))
-        else:
-            print()
-            print(end["transcript"])
-        return 0
-
-    return asyncio.run(run())
+    if args.mic == (args.file is not None):
+        print("give a WAV file or --mic (one of them)", file=sys.stderr)
+        return 2
+    if args.mic and (problem := transcribe.mic_available()):
+        print(problem, file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(transcribe.run(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
