@@ -1,0 +1,403 @@
+"""OpenAI Realtime transcription compatibility (/v1/realtime): the real ``openai`` SDK against a real worker.
+
+Real speech (../shared/speech) is resampled to 24 kHz pcm16 and streamed as base64
+``input_audio_buffer.append`` events; the completed transcripts are scored with the speech
+set's WER. Malformed events are sent raw (the SDK would not send them) and must get OpenAI's
+``error`` shape. The dialect's bookkeeping (deltas, empty turns, failures) is also checked
+directly, without a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+from openai import AsyncOpenAI
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from host.client import Audio, concat, read_wav, silence
+from host.compat.openai_realtime import OpenAIRealtimeDialect
+from host.wer import WerCounts, word_errors
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-openai.md"
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+DELTA = "conversation.item.input_audio_transcription.delta"
+VAD_IDS = ["librivox-sas01-0880", "librivox-sas01-0930", "1688-142285-0004"]
+MANUAL_IDS = ["533-1066-0008", "librivox-sas01-0890"]
+
+
+def pcm24(audio: Audio) -> bytes:
+    """16-bit mono audio resampled to 24 kHz pcm16, OpenAI's default input format."""
+    samples = np.frombuffer(audio.pcm, dtype="<i2")
+    return soxr.resample(samples, audio.sample_rate, 24000).astype("<i2").tobytes()
+
+
+def mulaw8k(audio: Audio) -> bytes:
+    """G.711 μ-law at 8 kHz (g711_ulaw)."""
+    x = soxr.resample(np.frombuffer(audio.pcm, dtype="<i2"), audio.sample_rate, 8000).astype(np.int32)
+    sign = (x < 0).astype(np.int32)
+    mag = np.minimum(np.abs(x), 32635) + 0x84
+    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
+    mantissa = (mag >> (exponent + 3)) & 0x0F
+    return (~((sign << 7) | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def chunks(data: bytes, size: int = 4800):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+class Events:
+    """Every event the SDK connection receives, in order, collected by a background task."""
+
+    def __init__(self, conn):
+        self.conn, self.items, self._new = conn, [], asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self):
+        try:
+            while True:
+                self.items.append(await self.conn.recv())
+                self._new.set()
+        except (ConnectionClosed, asyncio.CancelledError):
+            pass
+
+    def of(self, kind: str) -> list:
+        return [e for e in self.items if e.type == kind]
+
+    async def until(self, predicate, timeout: float = 30.0):
+        async def wait():
+            while not predicate():
+                self._new.clear()
+                await self._new.wait()
+        await asyncio.wait_for(wait(), timeout)
+
+    async def next(self, kind: str, after: int, timeout: float = 15.0):
+        await self.until(lambda: any(e.type == kind for e in self.items[after:]), timeout)
+        return next(e for e in self.items[after:] if e.type == kind)
+
+
+def client_for(worker) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key="sk-local-test", websocket_base_url=f"{worker.url}/v1")
+
+
+async def test_sdk_server_vad_stream_wer_and_event_order(idle_worker, speech_by_id):
+    """GA client, server VAD: per turn speech_started < speech_stopped < committed < deltas < completed."""
+    utts = [speech_by_id[i] for i in VAD_IDS]
+    audio = concat(silence(0.5), *[part for u in utts for part in (read_wav(u.path), silence(1.2))])
+    async with client_for(idle_worker).realtime.connect(
+            model="gpt-4o-transcribe", extra_query={"intent": "transcription"}) as conn:
+        events = Events(conn)
+        created = await events.next("session.created", 0)
+        assert created.session.type == "transcription"
+        assert created.session.audio.input.format.type == "audio/pcm"
+        await conn.session.update(session={
+            "type": "transcription",
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
+                                "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        updated = await events.next("session.updated", 0)
+        assert updated.session.audio.input.transcription.language == "en"
+        assert updated.session.audio.input.turn_detection.type == "server_vad"
+        for piece in chunks(pcm24(audio)):  # 100 ms appends at ~3x real time, so partials come back
+            await conn.input_audio_buffer.append(audio=b64(piece))
+            await asyncio.sleep(0.033)
+        # The server answers in order: once this update is answered, every turn of the audio has ended.
+        mark = len(events.items)
+        await conn.session.update(session={"type": "transcription"})
+        await events.next("session.updated", mark)
+        await events.until(lambda: len(events.of(COMPLETED)) >= len(events.of("input_audio_buffer.committed")))
+        events.task.cancel()
+
+    items = [e.item_id for e in events.of("input_audio_buffer.committed")]
+    assert len(items) >= len(utts), [e.type for e in events.items]
+    assert len(set(e.event_id for e in events.items)) == len(events.items)
+    assert all(e.event_id.startswith("event_") for e in events.items)
+    previous = None
+    for committed in events.of("input_audio_buffer.committed"):
+        assert committed.previous_item_id == previous
+        previous = committed.item_id
+    last_end = 0
+    for item in items:
+        seq = [e for e in events.items if getattr(e, "item_id", None) == item]
+        kinds = [e.type for e in seq]
+        # Deltas (from partials) may come while the turn is still open, before it is committed.
+        turn = [k for k in kinds if k != DELTA]
+        assert turn == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                        "input_audio_buffer.committed", COMPLETED], kinds
+        assert kinds[0] == turn[0] and kinds[-1] == COMPLETED, kinds
+        start, stop = seq[0], next(e for e in seq if e.type == "input_audio_buffer.speech_stopped")
+        assert last_end <= start.audio_start_ms < stop.audio_end_ms <= audio.seconds * 1000 + 1
+        last_end = stop.audio_end_ms
+        assert seq[-1].usage.type == "duration" and seq[-1].usage.seconds > 0
+    deltas = events.of(DELTA)
+    assert deltas and all(d.delta for d in deltas), "no transcript deltas from the partials"
+    transcript = " ".join(e.transcript for e in events.of(COMPLETED))
+    counts = word_errors(" ".join(u.reference for u in utts), transcript)
+    print(f"OpenAI SDK, server VAD: WER {counts.wer:.3f} over {counts.words} words: {transcript!r}")
+    assert counts.wer <= 0.25, transcript
+
+
+async def test_sdk_beta_manual_commit_one_item_per_commit(idle_worker, speech_by_id):
+    """Beta client, turn_detection null: each commit is one item holding exactly its own audio's text."""
+    utts = [speech_by_id[i] for i in MANUAL_IDS]
+    async with client_for(idle_worker).beta.realtime.connect(
+            model="gpt-4o-transcribe", extra_query={"intent": "transcription"}) as conn:
+        events = Events(conn)
+        await events.next("transcription_session.created", 0)
+        assert events.items[0].type == "transcription_session.created"
+        await conn.transcription_session.update(session={
+            "input_audio_format": "pcm16", "turn_detection": None,
+            "input_audio_transcription": {"model": "gpt-4o-transcribe", "language": "en", "prompt": "x"}})
+        updated = await events.next("transcription_session.updated", 0)
+        assert updated.session.turn_detection is None
+        assert updated.session.input_audio_transcription.language == "en"
+        committed = []
+        for utt in utts:
+            for piece in chunks(pcm24(concat(read_wav(utt.path), silence(0.4)))):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            mark = len(events.items)
+            await conn.input_audio_buffer.commit()
+            committed.append(await events.next("input_audio_buffer.committed", mark))
+        await events.until(lambda: len(events.of(COMPLETED)) == len(utts))
+        events.task.cancel()
+
+    assert not events.of("input_audio_buffer.speech_started"), "no VAD events without turn detection"
+    assert [c.item_id for c in committed] == [e.item_id for e in events.of(COMPLETED)]
+    assert committed[0].previous_item_id is None and committed[1].previous_item_id == committed[0].item_id
+    total = WerCounts(0, 0)
+    for utt, done in zip(utts, events.of(COMPLETED)):
+        counts = word_errors(utt.reference, done.transcript)
+        print(f"OpenAI beta SDK, manual commit: {utt.id} WER {counts.wer:.3f}: {done.transcript!r}")
+        assert counts.wer <= 0.3, (utt.reference, done.transcript)
+        total += counts
+    assert total.wer <= 0.25
+
+
+async def test_manual_clear_drops_the_uncommitted_audio(idle_worker, speech_by_id):
+    """clear before commit: the next committed item has the later speech only."""
+    dropped, kept = speech_by_id["1998-15444-0007"], speech_by_id["533-1066-0009"]
+    async with client_for(idle_worker).realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        events = Events(conn)
+        await events.next("session.created", 0)
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        await events.next("session.updated", 0)
+        for piece in chunks(pcm24(concat(read_wav(dropped.path), silence(0.8)))):  # ends as a VAD utterance
+            await conn.input_audio_buffer.append(audio=b64(piece))
+        await conn.input_audio_buffer.clear()
+        await events.next("input_audio_buffer.cleared", 0)
+        for piece in chunks(pcm24(concat(read_wav(kept.path), silence(0.3)))):
+            await conn.input_audio_buffer.append(audio=b64(piece))
+        await conn.input_audio_buffer.commit()
+        done = await events.next(COMPLETED, 0, timeout=30)
+        await asyncio.sleep(0.3)
+        events.task.cancel()
+    assert len(events.of(COMPLETED)) == 1
+    assert word_errors(kept.reference, done.transcript).wer <= 0.3, done.transcript
+    assert "emetic" not in done.transcript.lower()
+
+
+async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
+    """The README snippet in docs/compat-openai.md, executed as written."""
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    utt = speech_by_id["librivox-sas01-0880"]
+    text = await asyncio.wait_for(namespace["transcribe"](pcm24(read_wav(utt.path)), f"{idle_worker.url}/v1"), 30)
+    assert word_errors(utt.reference, text).wer <= 0.25, text
+
+
+async def test_g711_ulaw_chosen_at_connect(idle_worker, speech_by_id):
+    """?input_audio_format=g711_ulaw (8 kHz μ-law), beta header: the raw wire format, one commit."""
+    utt = speech_by_id["1688-142285-0003"]
+    url = f"{idle_worker.url}/v1/realtime?intent=transcription&model=whisper-1&input_audio_format=g711_ulaw"
+    async with connect(url, additional_headers={"OpenAI-Beta": "realtime=v1"}) as ws:
+        created = json.loads(await ws.recv())
+        assert created["type"] == "transcription_session.created"
+        assert created["session"]["input_audio_format"] == "g711_ulaw"
+        assert created["session"]["input_audio_transcription"]["model"] == "whisper-1"
+        await ws.send(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_format": "g711_ulaw", "turn_detection": None}}))
+        assert json.loads(await ws.recv())["type"] == "transcription_session.updated"
+        for piece in chunks(mulaw8k(concat(read_wav(utt.path), silence(0.3))), 1600):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(piece)}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "evt_c"}))
+        seen = []
+        while not seen or seen[-1]["type"] != COMPLETED:
+            seen.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    assert seen[0]["type"] == "input_audio_buffer.committed"
+    assert seen[-1]["item_id"] == seen[0]["item_id"]
+    assert abs(seen[-1]["usage"]["seconds"] - (utt.duration + 0.3)) < 0.05
+    counts = word_errors(utt.reference, seen[-1]["transcript"])
+    print(f"g711_ulaw 8 kHz: WER {counts.wer:.3f}: {seen[-1]['transcript']!r}")
+    assert counts.wer <= 0.3
+
+
+BAD_EVENTS = [
+    ("{not json", "invalid_json", None, None),
+    ("[1, 2]", "invalid_type", None, None),
+    ('{"event_id": "evt_1"}', "missing_required_parameter", "type", "evt_1"),
+    ('{"type": "bogus.event", "event_id": "evt_2"}', "invalid_value", "type", "evt_2"),
+    ('{"type": "response.create", "event_id": "evt_3"}', "invalid_value", "type", "evt_3"),
+    ('{"type": "input_audio_buffer.append", "audio": "%%not base64%%", "event_id": "evt_4"}',
+     "invalid_value", "audio", "evt_4"),
+    ('{"type": "input_audio_buffer.append", "audio": 5, "event_id": "evt_5"}', "invalid_type", "audio", "evt_5"),
+    ('{"type": "input_audio_buffer.append", "event_id": "evt_6"}', "missing_required_parameter", "audio", "evt_6"),
+    ('{"type": "session.update", "event_id": "evt_7", "session": {"type": "transcription", '
+     '"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}',
+     "unsupported_format_change", "session.audio.input.format", "evt_7"),
+    ('{"type": "transcription_session.update", "event_id": "evt_8", "session": {"input_audio_format": "flac"}}',
+     "invalid_value", "session.input_audio_format", "evt_8"),
+    ('{"type": "session.update", "event_id": "evt_9", "session": {"turn_detection": {"type": "push_to_talk"}}}',
+     "invalid_value", "session.turn_detection.type", "evt_9"),
+    ('{"type": "session.update", "event_id": "evt_10", "session": {"type": "realtime"}}',
+     "invalid_value", "session.type", "evt_10"),
+    ('{"type": "session.update", "event_id": "evt_11", "session": "x"}', "invalid_type", "session", "evt_11"),
+    ('{"type": "input_audio_buffer.commit", "event_id": "evt_12"}', "input_audio_buffer_commit_empty", None, "evt_12"),
+    ('{"type": {"a": 1}, "event_id": "evt_13"}', "invalid_type", "type", "evt_13"),
+    ('{"type": "x\\ud800", "event_id": "evt_14"}', "invalid_value", "type", "evt_14"),  # lone surrogate echoed
+    ('{"type": "session.update", "event_id": "evt_15", "session": {"input_audio_transcription": '
+     '{"model": "\\udc00", "language": 7}}}', "invalid_value", "session.input_audio_transcription.language", "evt_15"),
+    ("[" * 100 + "]" * 100, "invalid_json", None, None),
+]
+
+
+async def test_malformed_events_get_openai_errors(idle_worker):
+    async with connect(f"{idle_worker.url}/v1/realtime?intent=transcription") as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        for raw, code, param, event_id in BAD_EVENTS:
+            await ws.send(raw)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["type"] == "error" and reply["event_id"].startswith("event_"), (raw, reply)
+            assert reply["error"]["type"] == "invalid_request_error", (raw, reply)
+            assert (reply["error"]["code"], reply["error"]["param"], reply["error"]["event_id"]) == \
+                   (code, param, event_id), (raw, reply)
+            assert reply["error"]["message"]
+        await ws.send(b"\xff\xfe binary")
+        assert json.loads(await ws.recv())["error"]["code"] == "invalid_json"
+        # A language the engine refuses: applied as native config, refused by the session.
+        await ws.send(json.dumps({"type": "session.update", "event_id": "evt_lang", "session": {
+            "type": "transcription", "audio": {"input": {"transcription": {"language": "de"}}}}}))
+        assert json.loads(await ws.recv())["type"] == "session.updated"
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["type"] == "error" and reply["error"]["code"] == "invalid_config", reply
+        assert reply["error"]["param"] == "session.audio.input.transcription.language"
+        assert reply["error"]["event_id"] == "evt_lang"
+        # The session is still usable.
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(b"\0\0" * 2400)}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        assert json.loads(await ws.recv())["type"] == "input_audio_buffer.cleared"
+
+
+@pytest.mark.parametrize("query, param", [("intent=conversation", "intent"),
+                                          ("intent=transcription&input_audio_format=opus", "input_audio_format")])
+async def test_bad_connect_parameters_are_refused(idle_worker, query, param):
+    async with connect(f"{idle_worker.url}/v1/realtime?{query}") as ws:
+        reply = json.loads(await ws.recv())
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert reply["type"] == "error" and reply["error"]["code"] == "invalid_config"
+    assert reply["error"]["param"] == param
+    assert ws.close_code == 1008
+
+
+# --- the dialect alone ---------------------------------------------------------------------
+
+
+def started(d: OpenAIRealtimeDialect, query=None, headers=None) -> OpenAIRealtimeDialect:
+    d.configure(query or {"intent": "transcription"}, headers or {})
+    d.outgoing({"type": "session.begin", "session_id": "sess_x"})
+    return d
+
+
+def test_configure_maps_formats_models_and_language():
+    d = OpenAIRealtimeDialect()
+    assert d.configure({"intent": "transcription", "model": "gpt-4o-mini-transcribe"}, {}) == {
+        "encoding": "pcm_s16le", "sample_rate": "24000", "channels": "1", "enable_vad": "true"}
+    assert d.transcription["model"] == "gpt-4o-mini-transcribe"
+    native = OpenAIRealtimeDialect().configure({"model": "accurate", "input_audio_format": "audio/pcma",
+                                                "language": "en", "api_key": "k"}, {})
+    assert native == {"encoding": "alaw", "sample_rate": "8000", "channels": "1", "enable_vad": "true",
+                      "model": "accurate", "language": "en", "api_key": "k"}
+
+
+def test_deltas_extend_sent_text_and_skip_revisions():
+    d = started(OpenAIRealtimeDialect())
+    out = d.outgoing({"type": "vad.speech_start", "timestamp": 1.25})
+    item = out[0]["item_id"]
+    assert out[0]["audio_start_ms"] == 1250
+
+    def delta(text):
+        return [e["delta"] for e in d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": text})]
+
+    assert delta("Ask") == ["Ask"]
+    assert delta("Ask not what") == [" not what"]
+    assert delta("Ask nothing") == []  # revises sent text: nothing can be taken back
+    assert delta("Ask no") == []
+    assert delta("Ask not what your") == [" your"]
+    out = d.outgoing({"type": "vad.speech_end", "timestamp": 3.5})
+    assert [e["type"] for e in out] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+    out = d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "Ask not what your country"})
+    assert [(e["type"], e.get("delta")) for e in out] == [(DELTA, " country"), (COMPLETED, None)]
+    assert out[-1]["transcript"] == "Ask not what your country" and out[-1]["item_id"] == item
+    assert out[-1]["usage"] == {"type": "duration", "seconds": 2.25}
+
+
+def test_empty_and_failed_turns_are_completed():
+    d = started(OpenAIRealtimeDialect())
+    ids = []
+    for uid in range(3):
+        ids.append(d.outgoing({"type": "vad.speech_start", "timestamp": uid})[0]["item_id"])
+        d.outgoing({"type": "vad.speech_end", "timestamp": uid + 0.5})
+    # Utterance 0 was empty (no final); utterance 1 failed; utterance 2 has a final.
+    out = d.outgoing({"type": "error", "code": "internal_error", "recoverable": True,
+                      "message": "transcription of utterance 1 failed: RuntimeError"})
+    assert [(e["type"], e["item_id"]) for e in out] == [(COMPLETED, ids[0]),
+                                                        ("conversation.item.input_audio_transcription.failed", ids[1])]
+    assert out[0]["transcript"] == ""
+    out = d.outgoing({"type": "transcript.final", "utterance_id": 2, "text": "Hi."})
+    assert [(e["type"], e["item_id"]) for e in out if e["type"] == COMPLETED] == [(COMPLETED, ids[2])]
+    assert d.outgoing({"type": "session.end"}) == []
+
+
+def test_server_vad_clear_drops_the_open_turn():
+    d = started(OpenAIRealtimeDialect())
+    d.outgoing({"type": "vad.speech_start", "timestamp": 0.2})
+    natives, replies = d.incoming('{"type": "input_audio_buffer.clear"}')
+    assert natives == ['{"type": "clear"}'] and replies[0]["type"] == "input_audio_buffer.cleared"
+    assert d.outgoing({"type": "vad.speech_end", "timestamp": 0.9}) == []  # the clear's own speech_end
+    natives, replies = d.incoming('{"type": "input_audio_buffer.commit"}')
+    assert natives == [] and replies[0]["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
+def test_manual_mode_joins_finals_until_commit():
+    d = started(OpenAIRealtimeDialect())
+    d.incoming('{"type": "session.update", "session": {"turn_detection": null}}')
+    assert d.outgoing({"type": "vad.speech_start", "timestamp": 0.1}) == []
+    partial = d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": "One"})
+    assert [e["delta"] for e in partial] == ["One"]
+    d.outgoing({"type": "vad.speech_end", "timestamp": 1.0})
+    assert [e["delta"] for e in d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "One."})] == ["."]
+    d.incoming(json.dumps({"type": "input_audio_buffer.append", "audio": b64(b"\0" * 48000)}))
+    d.outgoing({"type": "vad.speech_start", "timestamp": 1.5})
+    natives, replies = d.incoming('{"type": "input_audio_buffer.commit"}')
+    assert natives == ['{"type": "flush"}'] and replies[0]["type"] == "input_audio_buffer.committed"
+    item = replies[0]["item_id"]
+    d.outgoing({"type": "vad.speech_end", "timestamp": 2.0})
+    final = d.outgoing({"type": "transcript.final", "utterance_id": 1, "text": "Two."})
+    assert [e["delta"] for e in final] == [" Two."]
+    out = d.outgoing({"type": "flush.done"})
+    assert [e["type"] for e in out] == [COMPLETED]
+    assert out[-1]["type"] == COMPLETED and out[-1]["item_id"] == item
+    assert out[-1]["transcript"] == "One. Two." and out[-1]["usage"]["seconds"] == 1.0
