@@ -225,7 +225,9 @@ class Session:
         now, s = time.monotonic(), self.services
         if self._finished:
             return
-        if s.idle_timeout_s and now - self._last_message >= s.idle_timeout_s:
+        # A compat dialect's connection also counts vendor messages that map to no native one.
+        last = max(self._last_message, getattr(self._ws, "last_activity", 0.0))
+        if s.idle_timeout_s and now - last >= s.idle_timeout_s:
             self._status, self._error = "error", "idle_timeout"
             await self._report("idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
                                recoverable=False)

@@ -13,6 +13,7 @@ A dialect module registers itself in :data:`DIALECTS` by path.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from websockets.exceptions import ConnectionClosed
@@ -59,9 +60,12 @@ class DialectConnection:
         self.ws = ws
         self.dialect = dialect
         self.request = ws.request
+        self.last_activity = time.monotonic()
+        """Any client message counts (e.g. a vendor keep-alive that maps to no native message)."""
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
         async for raw in self.ws:
+            self.last_activity = time.monotonic()
             natives, replies = self.dialect.incoming(raw)
             for reply in replies:
                 await self._send_vendor(reply)
@@ -74,8 +78,13 @@ class DialectConnection:
             await self._send_vendor(message)
 
     async def _send_vendor(self, message: dict[str, Any] | str | bytes) -> None:
-        data = message if isinstance(message, (str, bytes)) else json.dumps(message, ensure_ascii=False)
-        await self.ws.send(data)
+        if isinstance(message, (str, bytes)):
+            await self.ws.send(message)
+            return
+        try:
+            await self.ws.send(json.dumps(message, ensure_ascii=False))
+        except UnicodeEncodeError:  # lone surrogates echoed from client input: send them escaped
+            await self.ws.send(json.dumps(message))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.ws.close(code, reason)
