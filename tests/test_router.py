@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -12,6 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from host.client import concat, read_wav, session_url, silence, stream
+from host.wer import word_errors
 
 from .support import RedisServer, RouterProcess, WorkerProcess, free_port, http_get
 
@@ -192,6 +194,20 @@ async def test_unreachable_worker_is_skipped_for_the_next(cluster):
         r.delete(key)
     assert "ghost" not in {w["worker_id"] for w in router.workers()}
     assert "ghost" not in r.smembers("dalston:realtime:workers")  # pruned by the read
+
+
+async def test_compat_dialect_through_the_router(cluster, speech_by_id):
+    """The router speaks a vendor dialect itself and native /session to the worker: the OpenAI
+    SDK snippet from docs/compat-openai.md works through it unchanged."""
+    from .test_compat_openai import DOC, pcm24
+
+    _, _, router = cluster
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    utt = speech_by_id["librivox-sas01-0880"]
+    text = await asyncio.wait_for(namespace["transcribe"](pcm24(read_wav(utt.path)), f"{router.url}/v1"), 30)
+    assert word_errors(utt.reference, text).wer <= 0.25, text
 
 
 async def test_worker_death_reports_worker_lost_and_new_sessions_avoid_it(cluster, speech):
