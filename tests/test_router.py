@@ -99,7 +99,10 @@ async def test_routed_session_matches_a_direct_one(cluster, speech_by_id, speech
     direct = await stream(session_url(workers[0].url, **params), audio, speed=None)
     routed = await stream(session_url(router.url, **params), audio, speed=None)
     assert routed.close_code == 1000 and not routed.of("error")
-    assert [m["type"] for m in routed.messages] == [m["type"] for m in direct.messages]
+    # Per kind, not interleaved: a final may overtake the next utterance's VAD events either way.
+    vad = lambda r: [m for m in r.messages if m["type"].startswith("vad.")]  # noqa: E731
+    assert vad(routed) == vad(direct)
+    assert routed.messages[0]["type"] == "session.begin" and routed.messages[-1]["type"] == "session.end"
     strip = lambda m: {k: v for k, v in m.items() if k != "session_id"}  # noqa: E731
     assert [strip(m) for m in routed.finals] == [strip(m) for m in direct.finals]
     assert strip(routed.end) == strip(direct.end)
