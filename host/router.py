@@ -37,7 +37,7 @@ from host.compat import DIALECTS, DialectConnection
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.plugins import PluginSet, load_plugins
 from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.server import SESSION_PATHS, _json_response, _unauthorized, static_response
+from host.server import SESSION_PATHS, _json_response, _unauthorized, bound_port, static_response
 from host.static import load_static
 from host.session_config import ConfigError
 from host.settings import RouterSettings
@@ -272,9 +272,7 @@ class Router:
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            return self.settings.port
-        return self._server.sockets[0].getsockname()[1]
+        return bound_port(self._server, self.settings.port)
 
     # --- HTTP -----------------------------------------------------------------
 

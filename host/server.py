@@ -237,9 +237,7 @@ class Worker:
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            return self.settings.port
-        return self._server.sockets[0].getsockname()[1]
+        return bound_port(self._server, self.settings.port)
 
     async def _build_registry(self):
         """The configured registry component; its TTL spans three heartbeats."""
@@ -398,6 +396,11 @@ def _directory_state(directory: Path) -> list[tuple[str, int, int]]:
         return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.yaml"))
     except OSError:
         return []
+
+
+def bound_port(server: Server | None, configured: int) -> int:
+    """The port a server listens on (the real one when ``configured`` was 0)."""
+    return configured if server is None else server.sockets[0].getsockname()[1]
 
 
 def static_response(content_type: str, body: bytes) -> Response:
