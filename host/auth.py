@@ -2,7 +2,7 @@
 
 A key is taken from ``Authorization: Bearer KEY`` (or ``Token KEY``, as Deepgram
 clients send it), the ``xi-api-key`` header (ElevenLabs clients) or, for browsers
-that cannot set headers on a WebSocket, the ``api_key`` query parameter. Keys are
+that cannot set headers on a WebSocket, the ``api_key`` (or ElevenLabs' ``token``) query parameter. Keys are
 compared in constant time and never logged.
 """
 
@@ -45,8 +45,9 @@ class ApiKeys:
         """Whether the request carries a valid key (always true when no keys are configured)."""
         if not self.keys:
             return True
+        params = dict(parse_qsl(query))
         offered = (_bearer(headers.get("Authorization", "")) or headers.get("xi-api-key", "")
-                   or dict(parse_qsl(query)).get("api_key", ""))
+                   or params.get("api_key") or params.get("token", ""))
         if not offered:
             return False
         candidate = offered.encode()

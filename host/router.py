@@ -355,8 +355,8 @@ class Router:
                 await client.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
                 await client.close(1008, "Invalid config")
                 return
-            if "api_key" in query:
-                native["api_key"] = query["api_key"]
+            if query.get("api_key") or query.get("token"):  # the worker checks the key again
+                native["api_key"] = query.get("api_key") or query["token"]
             query, target = native, ("/session", urlencode(native))
         wanted = Wanted.from_query(query)
         try:

@@ -206,3 +206,46 @@ def worker(tmp_path_factory):
 def idle_worker(worker):
     worker.wait_idle()
     return worker
+
+
+# --- audio in other vendors' formats (compatibility endpoint tests) -------------------------
+
+
+def pcm_at(audio, rate: int) -> bytes:
+    """16-bit mono audio resampled to ``rate`` Hz pcm_s16le."""
+    import numpy as np
+    import soxr
+
+    samples = np.frombuffer(audio.pcm, dtype="<i2")
+    if audio.sample_rate == rate:
+        return samples.tobytes()
+    return soxr.resample(samples, audio.sample_rate, rate).astype("<i2").tobytes()
+
+
+def pcm24(audio) -> bytes:
+    """24 kHz pcm16, OpenAI's default input format."""
+    return pcm_at(audio, 24000)
+
+
+def mulaw8k(audio) -> bytes:
+    """G.711 μ-law at 8 kHz."""
+    import numpy as np
+
+    x = np.frombuffer(pcm_at(audio, 8000), dtype="<i2").astype(np.int32)
+    sign = (x < 0).astype(np.int32)
+    mag = np.minimum(np.abs(x), 32635) + 0x84
+    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
+    mantissa = (mag >> (exponent + 3)) & 0x0F
+    return (~((sign << 7) | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def chunks(data: bytes, size: int = 4800):
+    """``data`` in pieces of ``size`` bytes."""
+    for i in range(0, len(data), size):
+        yield data[i:i + size]

@@ -10,52 +10,25 @@ directly, without a worker.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soxr
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from host.client import Audio, concat, read_wav, silence
+from host.client import concat, read_wav, silence
 from host.compat.openai_realtime import OpenAIRealtimeDialect
 from host.wer import WerCounts, word_errors
+from tests.support import b64, chunks, mulaw8k, pcm24
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-openai.md"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
 VAD_IDS = ["librivox-sas01-0880", "librivox-sas01-0930", "1688-142285-0004"]
 MANUAL_IDS = ["533-1066-0008", "librivox-sas01-0890"]
-
-
-def pcm24(audio: Audio) -> bytes:
-    """16-bit mono audio resampled to 24 kHz pcm16, OpenAI's default input format."""
-    samples = np.frombuffer(audio.pcm, dtype="<i2")
-    return soxr.resample(samples, audio.sample_rate, 24000).astype("<i2").tobytes()
-
-
-def mulaw8k(audio: Audio) -> bytes:
-    """G.711 μ-law at 8 kHz (g711_ulaw)."""
-    x = soxr.resample(np.frombuffer(audio.pcm, dtype="<i2"), audio.sample_rate, 8000).astype(np.int32)
-    sign = (x < 0).astype(np.int32)
-    mag = np.minimum(np.abs(x), 32635) + 0x84
-    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~((sign << 7) | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def chunks(data: bytes, size: int = 4800):
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
 
 
 class Events:

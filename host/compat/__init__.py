@@ -12,6 +12,8 @@ A dialect module registers itself in :data:`DIALECTS` by path.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol
@@ -37,6 +39,72 @@ class Dialect(Protocol):
     def outgoing(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """A native server message → the vendor messages to send (maybe none)."""
         ...
+
+
+CHUNK_BYTES = 64 * 1024
+"""Decoded audio is handed to the session in pieces of at most this size (below max_frame_bytes)."""
+
+
+class BadMessage(Exception):
+    """A client message a dialect refuses; the dialect answers it in its vendor's error shape.
+
+    ``kind`` says what was wrong: ``binary`` (a binary frame where only JSON is expected),
+    ``invalid_json``, ``not_object``.
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def parse_json_object(raw: str | bytes) -> dict[str, Any]:
+    """One JSON text frame as an object; :class:`BadMessage` for anything else.
+
+    Lone surrogates in strings are replaced (they could not be echoed back as UTF-8), and
+    the native nesting limit applies, so the answer never depends on the parser's recursion.
+    """
+    from host.session import MAX_JSON_DEPTH, nested_deeper_than
+
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadMessage("binary", "a binary frame that is not UTF-8 JSON") from None
+    if nested_deeper_than(raw, MAX_JSON_DEPTH):
+        raise BadMessage("invalid_json", f"the message is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage("invalid_json", f"the message is not valid JSON: {str(exc)[:200]}") from None
+    if "\\u" in raw:
+        message = scrub(message)
+    if not isinstance(message, dict):
+        raise BadMessage("not_object", "a message must be a JSON object")
+    return message
+
+
+def decode_base64(value: str) -> bytes:
+    """Standard base64 (whitespace ignored); ``ValueError`` when it is not."""
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+
+
+def audio_frames(data: bytes) -> list[bytes]:
+    """Decoded audio as native binary frames of at most :data:`CHUNK_BYTES`."""
+    return [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with lone surrogates in its strings replaced (they cannot be sent back as UTF-8)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    return value
 
 
 DIALECTS: dict[str, Callable[[], Dialect]] = {}
@@ -106,4 +174,5 @@ class DialectConnection:
         return self.ws.remote_address
 
 
-__all__ = ["ConnectionClosed", "DIALECTS", "Dialect", "DialectConnection", "load_dialects"]
+__all__ = ["BadMessage", "CHUNK_BYTES", "ConnectionClosed", "DIALECTS", "Dialect", "DialectConnection",
+           "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "scrub"]

@@ -42,8 +42,6 @@ responses (there is no model answering).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import uuid
@@ -51,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from host.compat import DIALECTS
+from host.compat import DIALECTS, audio_frames, decode_base64, scrub
 from host.session import MAX_JSON_DEPTH, nested_deeper_than
 from host.session_config import ConfigError
 
@@ -66,8 +64,6 @@ _OPENAI_MODEL = re.compile(r"^(gpt-|whisper-|chatgpt-|o\d)|realtime|transcribe",
 _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 _FAILED_UTTERANCE = re.compile(r"transcription of utterance (\d+) failed")
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-CHUNK_BYTES = 64 * 1024
-"""Decoded audio is handed to the session in pieces of at most this size (below max_frame_bytes)."""
 MIN_COMMIT_S = 0.1
 """OpenAI refuses to commit less than 100 ms of audio."""
 CONVERSATION_EVENTS = {"conversation.item.create", "conversation.item.delete", "conversation.item.retrieve",
@@ -181,7 +177,7 @@ class OpenAIRealtimeDialect:
             except (ValueError, RecursionError) as exc:
                 raise BadEvent("invalid_json", f"the event is not valid JSON: {str(exc)[:200]}") from None
             if _ESCAPED_SURROGATE.search(raw):
-                event = _scrub(event)  # lone surrogates cannot be echoed back as UTF-8
+                event = scrub(event)  # lone surrogates cannot be echoed back as UTF-8
             if not isinstance(event, dict):
                 raise BadEvent("invalid_type", "an event must be a JSON object")
             if isinstance(event.get("event_id"), str):
@@ -214,11 +210,11 @@ class OpenAIRealtimeDialect:
         if not isinstance(audio, str):
             raise BadEvent("invalid_type", "Invalid type for 'audio': expected a base64 string.", "audio")
         try:
-            data = base64.b64decode("".join(audio.split()), validate=True)
-        except (binascii.Error, ValueError):
+            data = decode_base64(audio)
+        except ValueError:
             raise BadEvent("invalid_value", "Invalid 'audio': not valid base64-encoded audio.", "audio") from None
         self._buffered += len(data)
-        return [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+        return audio_frames(data)
 
     def _commit(self) -> tuple[list[str | bytes], list[dict[str, Any]]]:
         bps = FORMATS[self.format][2]
@@ -530,17 +526,6 @@ def _object(value: Any, param: str) -> dict:
         return {}
     if not isinstance(value, dict):
         raise BadEvent("invalid_type", f"Invalid type for '{param}': expected an object.", param)
-    return value
-
-
-def _scrub(value: Any) -> Any:
-    """``value`` with lone surrogates in its strings replaced (they cannot be sent back as UTF-8)."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_scrub(v) for v in value]
-    if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
     return value
 
 
