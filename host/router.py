@@ -350,11 +350,13 @@ class Router:
             # so it sees session.begin and the finals like in any routed session.
             client = DialectConnection(ws, dialect())
             try:
-                native = client.dialect.configure(query, ws.request.headers)
+                native = await client.open(query)
             except ConfigError as exc:
                 await client.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
                 await client.close(1008, "Invalid config")
                 return
+            if native is None:
+                return  # the client left before its audio showed the format
             if query.get("api_key") or query.get("token"):  # the worker checks the key again
                 native["api_key"] = query.get("api_key") or query["token"]
             query, target = native, ("/session", urlencode(native))

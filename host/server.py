@@ -349,7 +349,10 @@ class Worker:
                 if dialect is not None:
                     # Another vendor's protocol: translated both ways around the same session.
                     conn = DialectConnection(ws, dialect())
-                    query = conn.dialect.configure(query, ws.request.headers)
+                    native = await conn.open(query, timeout=self.settings.idle_timeout_s)
+                    if native is None:
+                        return  # the client left before its audio showed the format
+                    query = native
                 engine = pick_engine(query, self.models.engines)
                 config = parse_session_config(query, engine.spec)
             except ConfigError as exc:

@@ -77,6 +77,32 @@ async def test_api_keys_guard_sessions_not_health(guarded):
     assert metrics(guarded)['engine_host_sessions_refused_total{reason="unauthorized"}'] >= 4
 
 
+async def test_vendor_key_forms_on_the_compat_endpoints(guarded):
+    """ElevenLabs' xi-api-key header and ?token=, Deepgram's Authorization: Token, checked like Bearer."""
+    elevenlabs = f"{guarded.url}/v1/speech-to-text/realtime?model_id=scribe_v2_realtime"
+    deepgram = f"{guarded.url}/v1/listen?encoding=linear16&sample_rate=16000"
+    assert await refused_status(elevenlabs, {"xi-api-key": "nope"}) == 401
+    assert await refused_status(elevenlabs + "&token=nope") == 401
+    assert await refused_status(deepgram, {"Authorization": "Token nope"}) == 401
+    for url, headers in ((elevenlabs, {"xi-api-key": KEYS[1]}), (elevenlabs + f"&token={KEYS[0]}", None)):
+        async with connect(url, additional_headers=headers) as ws:
+            assert json.loads(await ws.recv())["message_type"] == "session_started"
+    async with connect(deepgram, additional_headers={"Authorization": f"Token {KEYS[0]}"}) as ws:
+        await ws.send(json.dumps({"type": "CloseStream"}))
+        assert json.loads(await ws.recv())["type"] == "Metadata"
+
+
+async def test_deepgram_container_stream_without_audio_times_out(guarded):
+    """No encoding and no audio: the session cannot start; after IDLE_TIMEOUT_S a Deepgram Error, 1008."""
+    async with connect(f"{guarded.url}/v1/listen", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"type": "KeepAlive"}))
+        t0 = time.monotonic()
+        messages = await collect(ws)
+        waited = time.monotonic() - t0
+    assert [m["type"] for m in messages] == ["Error"] and "no audio within 1.5 s" in messages[0]["description"]
+    assert ws.close_code == 1008 and 1.5 <= waited < 5
+
+
 async def test_idle_session_is_ended_with_idle_timeout(guarded):
     async with connect(session_url(guarded.url), additional_headers=AUTH) as ws:
         assert json.loads(await ws.recv())["type"] == "session.begin"

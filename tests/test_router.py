@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .support import RedisServer, RouterProcess, WorkerProcess, free_port, http_get
+from .support import ROOT, RedisServer, RouterProcess, WorkerProcess, free_port, http_get, pcm24, pcm_at
 
 pytest.importorskip("redis")
 
@@ -199,17 +199,21 @@ async def test_unreachable_worker_is_skipped_for_the_next(cluster):
     assert "ghost" not in r.smembers("dalston:realtime:workers")  # pruned by the read
 
 
-async def test_compat_dialect_through_the_router(cluster, speech_by_id):
-    """The router speaks a vendor dialect itself and native /session to the worker: the OpenAI
-    SDK snippet from docs/compat-openai.md works through it unchanged."""
-    from .test_compat_openai import DOC, pcm24
-
+@pytest.mark.parametrize("vendor", ["openai", "elevenlabs", "deepgram"])
+async def test_compat_dialect_through_the_router(cluster, speech_by_id, vendor):
+    """The router speaks each vendor dialect itself and native /session to the worker: the SDK
+    snippets from docs/compat-*.md work through it unchanged (Deepgram's streams a WAV file, so
+    the router waits for its header before it picks a worker)."""
     _, _, router = cluster
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    doc = ROOT / "docs" / f"compat-{vendor}.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, str(DOC), "exec"), namespace)
+    exec(compile(code, str(doc), "exec"), namespace)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(namespace["transcribe"](pcm24(read_wav(utt.path)), f"{router.url}/v1"), 30)
+    args = {"openai": (pcm24(read_wav(utt.path)), f"{router.url}/v1"),
+            "elevenlabs": (pcm_at(read_wav(utt.path), 16000), router.http),
+            "deepgram": (str(utt.path), router.url)}[vendor]
+    text = await asyncio.wait_for(namespace["transcribe"](*args), 30)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

@@ -12,6 +12,7 @@ A dialect module registers itself in :data:`DIALECTS` by path.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -38,6 +39,18 @@ class Dialect(Protocol):
 
     def outgoing(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """A native server message → the vendor messages to send (maybe none)."""
+        ...
+
+
+class DeferredDialect(Dialect, Protocol):
+    """A dialect whose :meth:`configure` may return ``None``: it must see the client's first
+    messages (a container header in the audio) before it knows the native parameters."""
+
+    def configure_early(self, messages: list[str | bytes]) -> dict[str, str] | None:
+        """The native query once ``messages`` (everything received so far) decide it, else ``None``.
+
+        Raise :class:`host.session_config.ConfigError` when they show the audio cannot be served.
+        """
         ...
 
 
@@ -130,15 +143,48 @@ class DialectConnection:
         self.request = ws.request
         self.last_activity = time.monotonic()
         """Any client message counts (e.g. a vendor keep-alive that maps to no native message)."""
+        self._early: list[str | bytes] = []  # read before the session started; replayed first
+
+    async def open(self, query: Mapping[str, str], timeout: float = 30.0,
+                   max_early: int = 64) -> dict[str, str] | None:
+        """Configure the dialect: the native ``/session`` query, or ``None`` if the client left first.
+
+        A deferred dialect gets the client's first messages until they decide the parameters (at
+        most ``max_early`` messages, ``timeout`` seconds); they are replayed to the session after.
+        Raises :class:`host.session_config.ConfigError` for bad vendor parameters.
+        """
+        from host.session_config import ConfigError
+
+        native = self.dialect.configure(query, self.request.headers)
+        while native is None:
+            if len(self._early) >= max_early:
+                raise ConfigError("", f"no audio in the first {max_early} messages to tell its format from")
+            try:
+                self._early.append(await asyncio.wait_for(self.ws.recv(), timeout))
+            except asyncio.TimeoutError:
+                raise ConfigError("", f"no audio within {timeout:g} s to tell its format from") from None
+            except ConnectionClosed:
+                return None
+            self.last_activity = time.monotonic()
+            native = self.dialect.configure_early(list(self._early))  # type: ignore[attr-defined]
+        return native
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
+        early, self._early = self._early, []
+        for raw in early:
+            for native in await self._translate(raw):
+                yield native
         async for raw in self.ws:
             self.last_activity = time.monotonic()
-            natives, replies = self.dialect.incoming(raw)
-            for reply in replies:
-                await self._send_vendor(reply)
-            for native in natives:
+            for native in await self._translate(raw):
                 yield native
+
+    async def _translate(self, raw: str | bytes) -> list[str | bytes]:
+        """One client message: its immediate vendor replies are sent, its native messages returned."""
+        natives, replies = self.dialect.incoming(raw)
+        for reply in replies:
+            await self._send_vendor(reply)
+        return natives
 
     async def send(self, text: str) -> None:
         """A native JSON message from the session (``Sender`` serializes it)."""
@@ -174,5 +220,5 @@ class DialectConnection:
         return self.ws.remote_address
 
 
-__all__ = ["BadMessage", "CHUNK_BYTES", "ConnectionClosed", "DIALECTS", "Dialect", "DialectConnection",
-           "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "scrub"]
+__all__ = ["BadMessage", "CHUNK_BYTES", "ConnectionClosed", "DIALECTS", "DeferredDialect", "Dialect",
+           "DialectConnection", "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "scrub"]

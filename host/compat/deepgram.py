@@ -1,0 +1,342 @@
+"""Deepgram live streaming (``/v1/listen``) on the native session.
+
+Connect with the ``deepgram-sdk`` (``AsyncDeepgramClient(environment=DeepgramClientEnvironment(
+production="ws://HOST:PORT", ...))`` then ``client.listen.v1.connect(...)``) or any client of
+Deepgram's documented wire format. One connection is one native session: binary frames are the
+audio, JSON text frames the control messages; this module translates both ways.
+
+Query parameters (at connect time):
+
+- ``encoding``: ``linear16``, ``linear32`` (32-bit float), ``mulaw``, ``alaw`` with
+  ``sample_rate`` (default 16000, or 8000 for the G.711 codecs) and ``channels`` (1 or 2, mixed
+  down). Omitted: the audio must be a WAV stream; its header (in the first binary frames) gives
+  the format, and the session starts once it has been read.
+- ``model``: a Deepgram model (``nova-3``, ``nova-2-meeting``, ``enhanced``, ``base``,
+  ``whisper-large`` …) uses the engine's default model; any other value is the native ``model``.
+- ``language``: ``en``, ``en-US`` → ``en``; ``multi`` → detected (``auto``).
+- ``interim_results`` (default false): ``Results`` with ``is_final: false`` from the partials.
+- ``punctuate``/``smart_format`` (default false): punctuated, cased ``transcript`` and
+  ``punctuated_word``; without them the transcript is lower-case words, as Deepgram's.
+- ``endpointing``: ``false`` → ``speech_final`` is never true; a number of milliseconds is
+  accepted, not applied (the engine's endpointing applies).
+- ``utterance_end_ms``: an ``UtteranceEnd`` after each utterance's final.
+- ``vad_events``: ``SpeechStarted`` when an utterance opens.
+- ``engine``: an extension, the native engine id. ``multichannel=true`` is refused; other
+  parameters (``diarize``, ``keyterm``, ``numerals``, ``redact`` …) are accepted and ignored.
+
+Client messages: binary audio (an empty frame closes the stream, as in Deepgram's older API),
+``KeepAlive``, ``Finalize`` (→ native ``flush``), ``CloseStream`` (→ native ``end``), ``Configure``
+(``features.punctuate``/``smart_format`` applied; ``keyterms`` refused with ``ConfigureFailure``).
+
+Server messages: ``Results``, ``SpeechStarted``, ``UtteranceEnd``, ``Metadata`` (last, after
+``CloseStream``), ``ConfigureSuccess``/``ConfigureFailure`` and ``Error`` (``{type, variant,
+description, message}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import host
+from host.compat import DIALECTS, BadMessage, parse_json_object
+from host.session_config import ConfigError
+
+PATH = "/v1/listen"
+
+ENCODINGS = {"linear16": ("pcm_s16le", 16000), "linear32": ("pcm_f32le", 16000), "mulaw": ("mulaw", 8000),
+             "alaw": ("alaw", 8000)}
+"""Deepgram encoding → (native encoding, default sample rate)."""
+UNSUPPORTED = ("flac", "opus", "ogg-opus", "speex", "amr-nb", "amr-wb", "g729")
+WAV_FORMATS = {(1, 16): "pcm_s16le", (3, 32): "pcm_f32le", (6, 8): "alaw", (7, 8): "mulaw"}
+"""WAV (format tag, bits per sample) → native encoding."""
+_DEEPGRAM_MODEL = re.compile(r"^(nova|enhanced|base|whisper|flux|general|phonecall|meeting|conversationalai)", re.I)
+_PUNCTUATION = re.compile(r"[^\w'\-]+")
+MAX_HEADER = 64 * 1024
+"""A WAV header (everything before the ``data`` chunk) larger than this is refused."""
+
+
+class DeepgramDialect:
+    """Deepgram live-streaming messages ⇄ the native protocol, for one connection."""
+
+    def __init__(self) -> None:
+        self.request_id = str(uuid.uuid4())
+        self.model_name = "nova-3"
+        self.model_info = {"name": "general", "version": host.__version__, "arch": "whisper-streaming"}
+        self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, "engine-host/whisper-streaming"))
+        self.channels = 1
+        self.punctuate = False
+        self.speech_final = True
+        self.utterance_end = False
+        self.vad_events = False
+        self._skip = 0  # WAV header bytes still to drop from the audio stream
+        self._audio = hashlib.sha256()
+        self._span: dict[int, list[float]] = {}  # utterance id -> [speech start, speech end]
+        self._started = 0
+        self._last_end = 0.0  # session time of the last speech end or final seen
+        self._finalizing = 0  # Finalize messages whose flush.done has not come back
+        self._finalized = False  # a from_finalize Results went out for the oldest Finalize
+        self._closed = False
+
+    # --- connect ------------------------------------------------------------------
+
+    def configure(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str] | None:
+        """Deepgram query parameters → native ``/session`` parameters (``None``: WAV, read its header)."""
+        if _flag(query, "multichannel", False):
+            raise ConfigError("multichannel", "separate transcripts per channel are not supported here; "
+                              "stereo audio is mixed down (leave multichannel out)")
+        self.punctuate = _flag(query, "punctuate", False) or _flag(query, "smart_format", False)
+        interim = _flag(query, "interim_results", False)
+        self.vad_events = _flag(query, "vad_events", False)
+        endpointing = query.get("endpointing", "")
+        if endpointing.lower() == "false":
+            self.speech_final = False
+        elif endpointing and endpointing.lower() != "true" and not endpointing.isdigit():
+            raise ConfigError("endpointing", f"expected false or a number of milliseconds, got {endpointing!r}")
+        utterance_end = query.get("utterance_end_ms", "")
+        if utterance_end and not utterance_end.isdigit():
+            raise ConfigError("utterance_end_ms", f"expected a number of milliseconds, got {utterance_end!r}")
+        self.utterance_end = bool(utterance_end)
+        self._native = {"enable_vad": "true", "word_timestamps": "true",
+                        "interim_results": "true" if interim else "false"}
+        model = query.get("model") or "nova-3"
+        self.model_name = model
+        if not _DEEPGRAM_MODEL.search(model):
+            self._native["model"] = model
+            self.model_info["name"] = model
+        language = query.get("language", "")
+        if language:
+            self._native["language"] = "auto" if language == "multi" else language.split("-")[0].lower()
+        if "engine" in query:
+            self._native["engine"] = query["engine"]
+            self.model_info["arch"] = query["engine"]
+        self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"engine-host/{self.model_info['arch']}/"
+                                                             f"{self.model_info['name']}"))
+        encoding = query.get("encoding")
+        if encoding is None:
+            return None  # containerized audio: the WAV header decides (configure_early)
+        if encoding in UNSUPPORTED:
+            raise ConfigError("encoding", f"{encoding} is not supported here: send linear16, linear32, mulaw or "
+                              "alaw, or a WAV stream without encoding")
+        if encoding not in ENCODINGS:
+            raise ConfigError("encoding", f"expected one of {', '.join(ENCODINGS)}, got {encoding!r}")
+        native_encoding, default_rate = ENCODINGS[encoding]
+        channels = query.get("channels", "1")
+        self.channels = int(channels) if channels.isdigit() else 1
+        return {**self._native, "encoding": native_encoding,
+                "sample_rate": query.get("sample_rate", str(default_rate)), "channels": channels}
+
+    def configure_early(self, messages: list[str | bytes]) -> dict[str, str] | None:
+        """No ``encoding``: the native parameters from the WAV header in the first binary frames."""
+        audio = b"".join(m for m in messages if isinstance(m, bytes))
+        if not audio:
+            if any(isinstance(m, str) and '"CloseStream"' in m for m in messages):
+                return {**self._native, "encoding": "pcm_s16le", "sample_rate": "16000", "channels": "1"}
+            return None  # KeepAlive or Configure before the audio: keep waiting
+        header = _wav_header(audio)
+        if header is None:
+            return None  # not all of the header yet
+        encoding, rate, channels, self._skip = header
+        self.channels = channels
+        return {**self._native, "encoding": encoding, "sample_rate": str(rate), "channels": str(channels)}
+
+    # --- client → server ------------------------------------------------------------
+
+    def incoming(self, raw: str | bytes) -> tuple[list[str | bytes], list[dict[str, Any]]]:
+        """One Deepgram client message → (native messages, messages to answer with at once)."""
+        if self._closed:
+            return [], []  # after CloseStream nothing more is read
+        if isinstance(raw, bytes):
+            if not raw:
+                return self._close(), []
+            if self._skip:
+                skipped, self._skip = min(self._skip, len(raw)), max(0, self._skip - len(raw))
+                raw = raw[skipped:]
+            self._audio.update(raw)
+            return ([raw] if raw else []), []
+        try:
+            message = parse_json_object(raw)
+        except BadMessage as exc:
+            return [], [self._error("INVALID_JSON", str(exc))]
+        kind = message.get("type")
+        if kind == "KeepAlive":
+            return [], []
+        if kind == "Finalize":
+            self._finalizing += 1
+            return ['{"type": "flush"}'], []
+        if kind == "CloseStream":
+            return self._close(), []
+        if kind == "Configure":
+            return [], [self._configure(message)]
+        return [], [self._error("UNKNOWN_MESSAGE", f"unknown message type {str(kind)[:100]!r}: expected "
+                                "KeepAlive, Finalize, CloseStream or Configure (audio goes in binary frames)")]
+
+    def _close(self) -> list[str | bytes]:
+        self._closed = True
+        return ['{"type": "end"}']
+
+    def _configure(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("keyterms") is not None:
+            return {"type": "ConfigureFailure", "request_id": self.request_id,
+                    "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED", "description": "keyterms are not supported here"}
+        features = message.get("features") or {}
+        if not isinstance(features, dict) or not all(isinstance(v, bool) for v in features.values()):
+            return {"type": "ConfigureFailure", "request_id": self.request_id, "code": "CONFIGURE_INTERNAL_ERROR",
+                    "description": "features must map feature names to true or false"}
+        if "punctuate" in features or "smart_format" in features:
+            self.punctuate = bool(features.get("punctuate") or features.get("smart_format"))
+        return {"type": "ConfigureSuccess", "request_id": self.request_id}
+
+    # --- server → client --------------------------------------------------------------
+
+    def outgoing(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """One native server message → Deepgram server messages."""
+        kind = message.get("type")
+        if kind == "session.begin":
+            self.request_id = message.get("session_id") or self.request_id
+            config = message.get("config") or {}
+            if "model" in config and "model" in self._native:
+                self.model_info["name"] = config["model"]
+            return []
+        if kind == "vad.speech_start":
+            uid, self._started = self._started, self._started + 1
+            self._span[uid] = [float(message["timestamp"])] * 2
+            if self.vad_events:
+                return [{"type": "SpeechStarted", "channel": [0, 1], "timestamp": float(message["timestamp"])}]
+            return []
+        if kind == "vad.speech_end":
+            self._last_end = max(self._last_end, float(message["timestamp"]))
+            if self._started - 1 in self._span:
+                self._span[self._started - 1][1] = float(message["timestamp"])
+            return []
+        if kind == "transcript.partial":
+            start, end = float(message.get("start", 0.0)), float(message.get("end", 0.0))
+            return [self._results(message.get("text") or "", [], start, end - start, is_final=False)]
+        if kind == "transcript.final":
+            return self._final(message)
+        if kind == "flush.done":
+            return self._flush_done()
+        if kind == "error":
+            return [self._error(str(message.get("code", "")).upper(), message.get("message", ""))]
+        if kind == "session.end":
+            return [self._metadata(float(message.get("total_duration", 0.0)))]
+        return []  # warning: Deepgram has no such message
+
+    def _final(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        span = self._span.pop(message.get("utterance_id"), None)
+        start = span[0] if span else float(message.get("start", 0.0))
+        end = max(span[1] if span else 0.0, float(message.get("end", 0.0)))
+        from_finalize = self._finalizing > 0
+        self._last_end = max(self._last_end, end)
+        self._finalized |= from_finalize
+        out = [self._results(message.get("text") or "", message.get("words") or [], start, end - start,
+                             is_final=True, confidence=float(message.get("confidence") or 0.0),
+                             from_finalize=from_finalize, language=message.get("language"))]
+        if self.utterance_end:
+            words = message.get("words") or []
+            last = float(words[-1]["end"]) if words else float(message.get("end", end))
+            out.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": last})
+        return out
+
+    def _flush_done(self) -> list[dict[str, Any]]:
+        if not self._finalizing:
+            return []
+        self._finalizing -= 1
+        answered, self._finalized = self._finalized, False
+        if answered:
+            return []
+        # Nothing was buffered: Deepgram still answers a Finalize with an (empty) final result.
+        return [self._results("", [], self._last_end, 0.0, is_final=True, from_finalize=True)]
+
+    def _results(self, text: str, words: list[dict[str, Any]], start: float, duration: float, *,
+                 is_final: bool, confidence: float = 0.0, from_finalize: bool = False,
+                 language: str | None = None) -> dict[str, Any]:
+        out_words = []
+        for w in words:
+            word = {"word": _plain(w["word"]), "start": w["start"], "end": w["end"],
+                    "confidence": w.get("confidence", 0.0)}
+            if self.punctuate:
+                word["punctuated_word"] = w["word"]
+            if language:
+                word["language"] = language
+            out_words.append(word)
+        transcript = text if self.punctuate else " ".join(p for p in (_plain(t) for t in text.split()) if p)
+        alternative: dict[str, Any] = {"transcript": transcript, "confidence": round(confidence, 4),
+                                       "words": out_words}
+        if language:
+            alternative["languages"] = [language]
+        return {"type": "Results", "channel_index": [0, 1], "duration": round(max(duration, 0.0), 3),
+                "start": round(start, 3), "is_final": is_final,
+                "speech_final": is_final and self.speech_final and not from_finalize,
+                "from_finalize": from_finalize, "channel": {"alternatives": [alternative]},
+                "metadata": {"request_id": self.request_id, "model_info": dict(self.model_info),
+                             "model_uuid": self.model_uuid}}
+
+    def _metadata(self, duration: float) -> dict[str, Any]:
+        return {"type": "Metadata", "transaction_key": "deprecated", "request_id": self.request_id,
+                "sha256": self._audio.hexdigest(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "duration": duration, "channels": self.channels, "models": [self.model_uuid],
+                "model_info": {self.model_uuid: dict(self.model_info)}}
+
+    def _error(self, code: str, text: str) -> dict[str, Any]:
+        return {"type": "Error", "variant": code or "ERROR", "description": text, "message": text}
+
+
+def _plain(word: str) -> str:
+    """A word as Deepgram writes it without punctuation: lower case, no punctuation marks."""
+    return _PUNCTUATION.sub("", word).strip("-'").lower()
+
+
+def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+def _wav_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """(native encoding, sample rate, channels, header length) of a WAV stream's start.
+
+    ``None`` when more bytes are needed; :class:`ConfigError` when it is not WAV or not a format
+    the session decodes.
+    """
+    if len(data) >= 4 and data[:4] != b"RIFF" or len(data) >= 12 and data[8:12] != b"WAVE":
+        raise ConfigError("encoding", "no encoding was given, so the audio must be a WAV stream, and it is not: "
+                          "for raw audio pass encoding=linear16 (or linear32, mulaw, alaw) and sample_rate")
+    fmt, pos = None, 12
+    while len(data) >= pos + 8:
+        chunk, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if chunk == b"data":
+            if fmt is None:
+                raise ConfigError("encoding", "the WAV stream has no fmt chunk before its data")
+            return (*fmt, pos + 8)
+        if chunk == b"fmt ":
+            if len(data) < pos + 8 + 16:
+                return None
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[pos + 8:pos + 24])
+            if tag == 0xFFFE and size >= 40 and len(data) >= pos + 8 + 26:
+                tag = struct.unpack("<H", data[pos + 32:pos + 34])[0]  # WAVE_FORMAT_EXTENSIBLE's sub-format
+            encoding = WAV_FORMATS.get((tag, bits))
+            if encoding is None:
+                raise ConfigError("encoding", f"WAV format {tag} with {bits}-bit samples is not supported: send "
+                                  "16-bit PCM, 32-bit float, A-law or μ-law")
+            if not 1 <= channels <= 2 or not 8000 <= rate <= 48000:
+                raise ConfigError("encoding", f"WAV audio of {channels} channels at {rate} Hz is not supported "
+                                  "(1–2 channels, 8000–48000 Hz)")
+            fmt = (encoding, rate, channels)
+        pos += 8 + size + (size & 1)
+        if pos > MAX_HEADER:
+            raise ConfigError("encoding", f"the WAV header is larger than {MAX_HEADER} bytes")
+    return None
+
+
+DIALECTS[PATH] = DeepgramDialect
