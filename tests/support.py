@@ -249,3 +249,13 @@ def chunks(data: bytes, size: int = 4800):
     """``data`` in pieces of ``size`` bytes."""
     for i in range(0, len(data), size):
         yield data[i:i + size]
+
+
+def doc_snippet(doc: Path, name: str = "transcribe"):
+    """The function ``name`` defined by the first ```python block of ``doc``, executed as written."""
+    import re
+
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(doc), "exec"), namespace)
+    return namespace[name]

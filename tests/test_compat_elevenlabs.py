@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from host.client import concat, read_wav, silence
 from host.compat.elevenlabs import ElevenLabsDialect
 from host.wer import WerCounts, word_errors
-from tests.support import b64, chunks, mulaw8k, pcm_at
+from tests.support import b64, chunks, doc_snippet, mulaw8k, pcm_at
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-elevenlabs.md"
 PATH = "/v1/speech-to-text/realtime"
@@ -168,11 +167,9 @@ async def test_sdk_manual_commit_one_transcript_per_commit(idle_worker, speech_b
 
 async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
     """The snippet in docs/compat-elevenlabs.md, executed as written."""
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, str(DOC), "exec"), namespace)
+    transcribe = doc_snippet(DOC)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(namespace["transcribe"](pcm_at(read_wav(utt.path), 16000), idle_worker.http), 30)
+    text = await asyncio.wait_for(transcribe(pcm_at(read_wav(utt.path), 16000), idle_worker.http), 30)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

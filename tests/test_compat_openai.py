@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from host.client import concat, read_wav, silence
 from host.compat.openai_realtime import OpenAIRealtimeDialect
 from host.wer import WerCounts, word_errors
-from tests.support import b64, chunks, mulaw8k, pcm24
+from tests.support import b64, chunks, doc_snippet, mulaw8k, pcm24
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-openai.md"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -183,11 +182,9 @@ async def test_manual_clear_drops_the_uncommitted_audio(idle_worker, speech_by_i
 
 async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
     """The README snippet in docs/compat-openai.md, executed as written."""
-    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, str(DOC), "exec"), namespace)
+    transcribe = doc_snippet(DOC)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(namespace["transcribe"](pcm24(read_wav(utt.path)), f"{idle_worker.url}/v1"), 30)
+    text = await asyncio.wait_for(transcribe(pcm24(read_wav(utt.path)), f"{idle_worker.url}/v1"), 30)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import pytest
 from websockets.asyncio.client import connect
 
 from host.client import concat, read_wav, session_url, silence, stream

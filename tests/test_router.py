@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import time
 
@@ -15,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .support import ROOT, RedisServer, RouterProcess, WorkerProcess, free_port, http_get, pcm24, pcm_at
+from .support import ROOT, RedisServer, RouterProcess, WorkerProcess, doc_snippet, free_port, http_get, pcm24, pcm_at
 
 pytest.importorskip("redis")
 
@@ -206,14 +205,12 @@ async def test_compat_dialect_through_the_router(cluster, speech_by_id, vendor):
     the router waits for its header before it picks a worker)."""
     _, _, router = cluster
     doc = ROOT / "docs" / f"compat-{vendor}.md"
-    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, str(doc), "exec"), namespace)
+    transcribe = doc_snippet(doc)
     utt = speech_by_id["librivox-sas01-0880"]
     args = {"openai": (pcm24(read_wav(utt.path)), f"{router.url}/v1"),
             "elevenlabs": (pcm_at(read_wav(utt.path), 16000), router.http),
             "deepgram": (str(utt.path), router.url)}[vendor]
-    text = await asyncio.wait_for(namespace["transcribe"](*args), 30)
+    text = await asyncio.wait_for(transcribe(*args), 30)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

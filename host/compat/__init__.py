@@ -109,6 +109,20 @@ def audio_frames(data: bytes) -> list[bytes]:
     return [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
 
 
+def query_flag(query: Mapping[str, str], name: str, default: bool) -> bool:
+    """A vendor's boolean query parameter (``true``/``false``/``1``/``0``; absent or empty: ``default``)."""
+    from host.session_config import ConfigError
+
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("true", "1"):
+        return True
+    if value.lower() in ("false", "0"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
 def scrub(value: Any) -> Any:
     """``value`` with lone surrogates in its strings replaced (they cannot be sent back as UTF-8)."""
     if isinstance(value, str):
@@ -221,4 +235,4 @@ class DialectConnection:
 
 
 __all__ = ["BadMessage", "CHUNK_BYTES", "ConnectionClosed", "DIALECTS", "DeferredDialect", "Dialect",
-           "DialectConnection", "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "scrub"]
+           "DialectConnection", "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "query_flag", "scrub"]

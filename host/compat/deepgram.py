@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import host
-from host.compat import DIALECTS, BadMessage, parse_json_object
+from host.compat import DIALECTS, BadMessage, parse_json_object, query_flag
 from host.session_config import ConfigError
 
 PATH = "/v1/listen"
@@ -86,12 +86,12 @@ class DeepgramDialect:
 
     def configure(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str] | None:
         """Deepgram query parameters → native ``/session`` parameters (``None``: WAV, read its header)."""
-        if _flag(query, "multichannel", False):
+        if query_flag(query, "multichannel", False):
             raise ConfigError("multichannel", "separate transcripts per channel are not supported here; "
                               "stereo audio is mixed down (leave multichannel out)")
-        self.punctuate = _flag(query, "punctuate", False) or _flag(query, "smart_format", False)
-        interim = _flag(query, "interim_results", False)
-        self.vad_events = _flag(query, "vad_events", False)
+        self.punctuate = query_flag(query, "punctuate", False) or query_flag(query, "smart_format", False)
+        interim = query_flag(query, "interim_results", False)
+        self.vad_events = query_flag(query, "vad_events", False)
         endpointing = query.get("endpointing", "")
         if endpointing.lower() == "false":
             self.speech_final = False
@@ -290,17 +290,6 @@ class DeepgramDialect:
 def _plain(word: str) -> str:
     """A word as Deepgram writes it without punctuation: lower case, no punctuation marks."""
     return _PUNCTUATION.sub("", word).strip("-'").lower()
-
-
-def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
-    value = query.get(name)
-    if value is None or value == "":
-        return default
-    if value.lower() in ("true", "1"):
-        return True
-    if value.lower() in ("false", "0"):
-        return False
-    raise ConfigError(name, f"expected true or false, got {value!r}")
 
 
 def _wav_header(data: bytes) -> tuple[str, int, int, int] | None:

@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object
+from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
 from host.session_config import ConfigError
 
 PATH = "/v1/speech-to-text/realtime"
@@ -105,7 +105,7 @@ class ElevenLabsDialect:
         if strategy not in ("manual", "vad"):
             raise ConfigError("commit_strategy", f"expected 'manual' or 'vad', got {strategy!r}")
         self.manual = strategy == "manual"
-        self.timestamps = _flag(query, "include_timestamps", False)
+        self.timestamps = query_flag(query, "include_timestamps", False)
         native = {"encoding": encoding, "sample_rate": str(self.rate), "channels": "1", "enable_vad": "true",
                   "word_timestamps": "true" if self.timestamps else "false"}
         model = query.get("model_id") or "scribe_v2_realtime"
@@ -119,8 +119,8 @@ class ElevenLabsDialect:
         self.config = {"sample_rate": self.rate, "audio_format": fmt, "language_code": language or None,
                        "commit_strategy": strategy, "model_id": model,
                        "include_timestamps": self.timestamps,
-                       "include_language_detection": _flag(query, "include_language_detection", False),
-                       "enable_logging": _flag(query, "enable_logging", True)}
+                       "include_language_detection": query_flag(query, "include_language_detection", False),
+                       "enable_logging": query_flag(query, "enable_logging", True)}
         for name, (low, high, default, kind) in NUMBER_OPTIONS.items():
             self.config[name] = _number(query, name, low, high, default, kind)
         return native
@@ -255,17 +255,6 @@ def _join(*texts: str) -> str:
 
 def _error(kind: str, text: str) -> dict[str, Any]:
     return {"message_type": kind, "error": text}
-
-
-def _flag(query: Mapping[str, str], name: str, default: bool) -> bool:
-    value = query.get(name)
-    if value is None or value == "":
-        return default
-    if value.lower() in ("true", "1"):
-        return True
-    if value.lower() in ("false", "0"):
-        return False
-    raise ConfigError(name, f"expected true or false, got {value!r}")
 
 
 def _number(query: Mapping[str, str], name: str, low: float, high: float, default: float, kind: type) -> Any:

@@ -49,8 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from host.compat import DIALECTS, audio_frames, decode_base64, scrub
-from host.session import MAX_JSON_DEPTH, nested_deeper_than
+from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object
 from host.session_config import ConfigError
 
 PATH = "/v1/realtime"
@@ -63,7 +62,6 @@ GA_NAMES = {v: k for k, v in GA_FORMATS.items()}
 _OPENAI_MODEL = re.compile(r"^(gpt-|whisper-|chatgpt-|o\d)|realtime|transcribe", re.I)
 _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 _FAILED_UTTERANCE = re.compile(r"transcription of utterance (\d+) failed")
-_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 MIN_COMMIT_S = 0.1
 """OpenAI refuses to commit less than 100 ms of audio."""
 CONVERSATION_EVENTS = {"conversation.item.create", "conversation.item.delete", "conversation.item.retrieve",
@@ -164,22 +162,14 @@ class OpenAIRealtimeDialect:
         self._cause = None
         event_id = None
         try:
-            if isinstance(raw, bytes):
-                try:
-                    raw = raw.decode("utf-8")
-                except UnicodeDecodeError:
+            try:
+                event = parse_json_object(raw)
+            except BadMessage as exc:
+                if exc.kind == "binary":
                     raise BadEvent("invalid_json", "binary frames are not part of this API: send audio as "
                                    "input_audio_buffer.append events with base64 in 'audio'") from None
-            if nested_deeper_than(raw, MAX_JSON_DEPTH):
-                raise BadEvent("invalid_json", f"the event is nested deeper than {MAX_JSON_DEPTH} levels")
-            try:
-                event = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise BadEvent("invalid_json", f"the event is not valid JSON: {str(exc)[:200]}") from None
-            if _ESCAPED_SURROGATE.search(raw):
-                event = scrub(event)  # lone surrogates cannot be echoed back as UTF-8
-            if not isinstance(event, dict):
-                raise BadEvent("invalid_type", "an event must be a JSON object")
+                raise BadEvent("invalid_type" if exc.kind == "not_object" else "invalid_json",
+                               str(exc).replace("message", "event")) from None
             if isinstance(event.get("event_id"), str):
                 event_id = event["event_id"]
             kind = event.get("type")
