@@ -259,3 +259,17 @@ def doc_snippet(doc: Path, name: str = "transcribe"):
     namespace: dict = {}
     exec(compile(code, str(doc), "exec"), namespace)
     return namespace[name]
+
+
+async def run_compat_snippet(vendor: str, utt: Utt, server: ServedProcess) -> str:
+    """The client function of docs/compat-<vendor>.md, as written, transcribing ``utt`` through
+    ``server`` (a worker or the router); its transcript."""
+    import asyncio
+
+    from host.client import read_wav
+
+    transcribe = doc_snippet(ROOT / "docs" / f"compat-{vendor}.md")
+    audio = read_wav(utt.path)
+    args = {"openai": (pcm24(audio), f"{server.url}/v1"), "elevenlabs": (pcm_at(audio, 16000), server.http),
+            "deepgram": (str(utt.path), server.url)}[vendor]
+    return await asyncio.wait_for(transcribe(*args), 30)

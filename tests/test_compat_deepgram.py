@@ -16,7 +16,6 @@ import json
 import re
 import struct
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +28,8 @@ from host.client import concat, read_wav, silence
 from host.compat.deepgram import DeepgramDialect, _plain, _wav_header
 from host.session_config import ConfigError
 from host.wer import word_errors
-from tests.support import chunks, doc_snippet, mulaw8k, pcm_at
+from tests.support import chunks, mulaw8k, pcm_at, run_compat_snippet
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-deepgram.md"
 IDS = ["librivox-sas01-0880", "librivox-sas01-0930", "1688-142285-0004"]
 
 
@@ -153,9 +151,8 @@ async def test_sdk_wav_stream_without_encoding(idle_worker, speech_by_id):
 
 async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
     """The snippet in docs/compat-deepgram.md, executed as written."""
-    transcribe = doc_snippet(DOC)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(transcribe(str(utt.path), idle_worker.url), 30)
+    text = await run_compat_snippet("deepgram", utt, idle_worker)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 from elevenlabs import AsyncElevenLabs
@@ -23,9 +22,8 @@ from websockets.exceptions import ConnectionClosed
 from host.client import concat, read_wav, silence
 from host.compat.elevenlabs import ElevenLabsDialect
 from host.wer import WerCounts, word_errors
-from tests.support import b64, chunks, doc_snippet, mulaw8k, pcm_at
+from tests.support import b64, chunks, mulaw8k, pcm_at, run_compat_snippet
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-elevenlabs.md"
 PATH = "/v1/speech-to-text/realtime"
 VAD_IDS = ["librivox-sas01-0880", "librivox-sas01-0930", "1688-142285-0004"]
 MANUAL_IDS = ["533-1066-0008", "librivox-sas01-0890"]
@@ -167,9 +165,8 @@ async def test_sdk_manual_commit_one_transcript_per_commit(idle_worker, speech_b
 
 async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
     """The snippet in docs/compat-elevenlabs.md, executed as written."""
-    transcribe = doc_snippet(DOC)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(transcribe(pcm_at(read_wav(utt.path), 16000), idle_worker.http), 30)
+    text = await run_compat_snippet("elevenlabs", utt, idle_worker)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
@@ -21,9 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from host.client import concat, read_wav, silence
 from host.compat.openai_realtime import OpenAIRealtimeDialect
 from host.wer import WerCounts, word_errors
-from tests.support import b64, chunks, doc_snippet, mulaw8k, pcm24
+from tests.support import b64, chunks, mulaw8k, pcm24, run_compat_snippet
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "compat-openai.md"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
 VAD_IDS = ["librivox-sas01-0880", "librivox-sas01-0930", "1688-142285-0004"]
@@ -182,9 +180,8 @@ async def test_manual_clear_drops_the_uncommitted_audio(idle_worker, speech_by_i
 
 async def test_doc_snippet_runs_against_the_server(idle_worker, speech_by_id):
     """The README snippet in docs/compat-openai.md, executed as written."""
-    transcribe = doc_snippet(DOC)
     utt = speech_by_id["librivox-sas01-0880"]
-    text = await asyncio.wait_for(transcribe(pcm24(read_wav(utt.path)), f"{idle_worker.url}/v1"), 30)
+    text = await run_compat_snippet("openai", utt, idle_worker)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .support import ROOT, RedisServer, RouterProcess, WorkerProcess, doc_snippet, free_port, http_get, pcm24, pcm_at
+from .support import RedisServer, RouterProcess, WorkerProcess, free_port, http_get, run_compat_snippet
 
 pytest.importorskip("redis")
 
@@ -204,13 +204,8 @@ async def test_compat_dialect_through_the_router(cluster, speech_by_id, vendor):
     snippets from docs/compat-*.md work through it unchanged (Deepgram's streams a WAV file, so
     the router waits for its header before it picks a worker)."""
     _, _, router = cluster
-    doc = ROOT / "docs" / f"compat-{vendor}.md"
-    transcribe = doc_snippet(doc)
     utt = speech_by_id["librivox-sas01-0880"]
-    args = {"openai": (pcm24(read_wav(utt.path)), f"{router.url}/v1"),
-            "elevenlabs": (pcm_at(read_wav(utt.path), 16000), router.http),
-            "deepgram": (str(utt.path), router.url)}[vendor]
-    text = await asyncio.wait_for(transcribe(*args), 30)
+    text = await run_compat_snippet(vendor, utt, router)
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 

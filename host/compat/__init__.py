@@ -70,11 +70,12 @@ class BadMessage(Exception):
         self.kind = kind
 
 
-def parse_json_object(raw: str | bytes) -> dict[str, Any]:
+def parse_json_object(raw: str | bytes, binary_hint: str = "") -> dict[str, Any]:
     """One JSON text frame as an object; :class:`BadMessage` for anything else.
 
     Lone surrogates in strings are replaced (they could not be echoed back as UTF-8), and
     the native nesting limit applies, so the answer never depends on the parser's recursion.
+    ``binary_hint`` is the message for a binary frame that is not UTF-8 JSON (say where audio goes).
     """
     from host.session import MAX_JSON_DEPTH, nested_deeper_than
 
@@ -82,7 +83,7 @@ def parse_json_object(raw: str | bytes) -> dict[str, Any]:
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadMessage("binary", "a binary frame that is not UTF-8 JSON") from None
+            raise BadMessage("binary", binary_hint or "a binary frame that is not UTF-8 JSON") from None
     if nested_deeper_than(raw, MAX_JSON_DEPTH):
         raise BadMessage("invalid_json", f"the message is nested deeper than {MAX_JSON_DEPTH} levels")
     try:

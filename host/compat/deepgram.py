@@ -65,7 +65,6 @@ class DeepgramDialect:
 
     def __init__(self) -> None:
         self.request_id = str(uuid.uuid4())
-        self.model_name = "nova-3"
         self.model_info = {"name": "general", "version": host.__version__, "arch": "whisper-streaming"}
         self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, "engine-host/whisper-streaming"))
         self.channels = 1
@@ -104,7 +103,6 @@ class DeepgramDialect:
         self._native = {"enable_vad": "true", "word_timestamps": "true",
                         "interim_results": "true" if interim else "false"}
         model = query.get("model") or "nova-3"
-        self.model_name = model
         if not _DEEPGRAM_MODEL.search(model):
             self._native["model"] = model
             self.model_info["name"] = model

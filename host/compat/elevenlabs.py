@@ -130,13 +130,8 @@ class ElevenLabsDialect:
     def incoming(self, raw: str | bytes) -> tuple[list[str | bytes], list[dict[str, Any]]]:
         """One ElevenLabs client message → (native messages, messages to answer with at once)."""
         try:
-            try:
-                message = parse_json_object(raw)
-            except BadMessage as exc:
-                if exc.kind == "binary":
-                    raise BadMessage("binary", "binary frames are not part of this API: send audio as "
-                                     "input_audio_chunk messages with base64 in 'audio_base_64'") from None
-                raise
+            message = parse_json_object(raw, binary_hint="binary frames are not part of this API: send audio "
+                                        "as input_audio_chunk messages with base64 in 'audio_base_64'")
             kind = message.get("message_type")
             if kind != "input_audio_chunk":
                 raise BadMessage("unknown", f"unknown message_type {str(kind)[:100]!r}: the client sends "

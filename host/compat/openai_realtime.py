@@ -163,13 +163,11 @@ class OpenAIRealtimeDialect:
         event_id = None
         try:
             try:
-                event = parse_json_object(raw)
+                event = parse_json_object(raw, binary_hint="binary frames are not part of this API: send audio "
+                                          "as input_audio_buffer.append events with base64 in 'audio'")
             except BadMessage as exc:
-                if exc.kind == "binary":
-                    raise BadEvent("invalid_json", "binary frames are not part of this API: send audio as "
-                                   "input_audio_buffer.append events with base64 in 'audio'") from None
-                raise BadEvent("invalid_type" if exc.kind == "not_object" else "invalid_json",
-                               str(exc).replace("message", "event")) from None
+                message = str(exc) if exc.kind == "binary" else str(exc).replace("message", "event")
+                raise BadEvent("invalid_type" if exc.kind == "not_object" else "invalid_json", message) from None
             if isinstance(event.get("event_id"), str):
                 event_id = event["event_id"]
             kind = event.get("type")
