@@ -5,8 +5,9 @@ by ``--gap`` seconds of silence, sent in ``--chunk`` frames at ``--speed`` ×
 real time (a frame leaves once its audio has "happened", like a microphone).
 
 - final latency: from the moment the endpoint silence has elapsed in the sent
-  audio (``speech_end + endpoint_silence_s - postroll_s``, from the engine's
-  endpointing settings) to the arrival of ``transcript.final``;
+  audio (``speech_end + endpoint_silence_s - postroll_s``, or
+  ``short_endpoint_silence_s`` for an utterance shorter than ``short_utterance_s``;
+  from the engine's endpointing settings) to the arrival of ``transcript.final``;
 - first-partial latency: from the speech onset in the sent audio
   (``speech_start + preroll_s``) to the arrival of the utterance's first
   ``transcript.partial``;
@@ -106,8 +107,11 @@ def analyse(result, reference: str, speed: float | None, endpointing: dict[str, 
     """Latencies, WER and problems of one streamed session."""
     stats = StreamStats()
     stats.wer = word_errors(reference, result.end["transcript"] if result.end else "")
-    endpoint_delay = endpointing.get("endpoint_silence_s", 0.5) - endpointing.get("postroll_s", 0.0)
+    postroll = endpointing.get("postroll_s", 0.0)
+    endpoint = endpointing.get("endpoint_silence_s", 0.5)
+    short, short_endpoint = endpointing.get("short_utterance_s", 0.0), endpointing.get("short_endpoint_silence_s", 0.0)
     preroll = endpointing.get("preroll_s", 0.0)
+    start_at: dict[int, float] = {}
     onset_at: dict[int, float] = {}
     end_at: dict[int, float] = {}
     utterance = -1
@@ -115,9 +119,14 @@ def analyse(result, reference: str, speed: float | None, endpointing: dict[str, 
         kind = message["type"]
         if kind == "vad.speech_start":
             utterance += 1
+            start_at[utterance] = message["timestamp"]
             onset_at[utterance] = message["timestamp"] + preroll
         elif kind == "vad.speech_end":
-            end_at[utterance] = message["timestamp"] + endpoint_delay
+            # The endpoint fired this much silence after the last speech (speech_end carries the
+            # post-roll); the endpointer waits longer while an utterance is short.
+            speech = message["timestamp"] - postroll - start_at.get(utterance, 0.0)
+            silence = max(endpoint, short_endpoint) if short and speech < short else endpoint
+            end_at[utterance] = message["timestamp"] + silence - postroll
         elif kind == "transcript.partial":
             stats.partials += 1
             uid = message["utterance_id"]

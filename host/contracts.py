@@ -183,7 +183,11 @@ class WorkerRecord:
 
 @runtime_checkable
 class VadStream(Protocol):
-    """Per-session VAD state."""
+    """Per-session VAD state.
+
+    A stream may also have ``reset()``, which returns it to its initial state; the host calls it
+    at endpoints (``reset_state_at_endpoint``). Without it the host opens a new stream instead.
+    """
 
     def probabilities(self, windows: np.ndarray) -> np.ndarray:
         """Speech probability (0-1) for each row of ``windows`` (shape ``(n, window_samples)``)."""

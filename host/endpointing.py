@@ -28,6 +28,15 @@ ENDPOINTING_SCHEMA = {
             "type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 0.5,
             "description": "Silence that ends an utterance.",
         },
+        "short_utterance_s": {
+            "type": "number", "minimum": 0, "maximum": 10, "default": 0,
+            "description": "Utterances with less speech than this end only after short_endpoint_silence_s "
+                           "(0: off).",
+        },
+        "short_endpoint_silence_s": {
+            "type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.0,
+            "description": "Silence that ends an utterance shorter than short_utterance_s.",
+        },
         "preroll_s": {
             "type": "number", "minimum": 0, "maximum": 2, "default": 0.3,
             "description": "Audio kept before speech onset, so first words are not clipped.",
@@ -45,6 +54,16 @@ ENDPOINTING_SCHEMA = {
             "description": "Silence after which the utterance is decoded speculatively, so its final is "
                            "ready when the endpoint fires (0: off). Never earlier than postroll_s.",
         },
+        "reset_state_at_endpoint": {
+            "type": "boolean", "default": True,
+            "description": "Reset the VAD's recurrent state at each endpoint, warmed up again on the "
+                           "endpoint's trailing silence: Silero's state drifts over long streams and can "
+                           "miss the next speaker.",
+        },
+        "reset_warmup_s": {
+            "type": "number", "minimum": 0, "maximum": 2, "default": 0.5,
+            "description": "Trailing audio the reset state is warmed up on (at most endpoint_silence_s).",
+        },
         "max_utterance_s": {
             "type": "number", "minimum": 1, "maximum": 60, "default": 30,
             "description": "Longer speech is cut (at its quietest recent window) and finalized.",
@@ -59,11 +78,15 @@ class EndpointingOptions:
     threshold: float = 0.5
     neg_threshold: float | None = None
     endpoint_silence_s: float = 0.5
+    short_utterance_s: float = 0.0
+    short_endpoint_silence_s: float = 1.0
     preroll_s: float = 0.3
     postroll_s: float = 0.2
     min_speech_s: float = 0.25
     speculate_after_s: float = 0.2
     max_utterance_s: float = 30.0
+    reset_state_at_endpoint: bool = True
+    reset_warmup_s: float = 0.5
 
     @classmethod
     def from_options(cls, options: dict) -> "EndpointingOptions":
@@ -109,6 +132,8 @@ class Endpointer:
         self._neg = max(0.0, options.threshold - 0.15) if neg is None else min(neg, options.threshold)
         s = SAMPLE_RATE
         self._endpoint = int(options.endpoint_silence_s * s)
+        self._short = int(options.short_utterance_s * s)
+        self._short_endpoint = max(self._endpoint, int(options.short_endpoint_silence_s * s))
         self._preroll = int(options.preroll_s * s)
         self._postroll = int(options.postroll_s * s)
         self._min_speech = int(options.min_speech_s * s)
@@ -169,7 +194,7 @@ class Endpointer:
             self._track(p, end)
             if self._silence_run == 0:
                 self._paused = False
-            if self._silence_run >= self._endpoint:
+            if self._silence_run >= self._endpoint_silence():
                 events.append(self._close(min(self._last_speech_end + self._postroll, end), "silence"))
             elif end - self._start >= self._max_len:
                 cut = self._cut_point(end)
@@ -178,7 +203,7 @@ class Endpointer:
                 self._open(cut, events)
                 self._recent = kept
             elif (self._speculate and not self._paused and self._silence_run
-                  and end - self._last_speech_end >= self._speculate):
+                  and end - self._last_speech_end >= self._speculate + self._endpoint_silence() - self._endpoint):
                 self._paused = True
                 events.append(SpeechPause(self._last_speech_end + self._postroll))
         return events
@@ -204,6 +229,14 @@ class Endpointer:
         # Never lower the floor: a flush may have closed an utterance past the last whole window.
         self._floor = max(self._floor, self.position)
         return events
+
+    def _endpoint_silence(self) -> int:
+        """Samples of silence that end the open utterance: longer while it is still short (a short
+        fragment decoded alone is where Whisper errs most; waiting longer often joins it to the
+        speech that follows). Speculation is pushed back by the same amount."""
+        if self._short and self._last_speech_end - self._start < self._short:
+            return self._short_endpoint
+        return self._endpoint
 
     def _track(self, p: float, end: int) -> None:
         if p >= self.options.threshold:

@@ -8,8 +8,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from host.contracts import VadModel, VadStream
-from host.endpointing import Endpointer, EndpointingOptions, Event
+from host.contracts import SAMPLE_RATE, VadModel, VadStream
+from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd
 
 DEFAULT_WINDOW = 512
 
@@ -32,23 +32,58 @@ class VadStage:
         self.stream: VadStream = model.open_stream() if model is not None else AlwaysSpeech()
         self.needs_model = model is not None
         self.endpointer = Endpointer(options, self.window)
+        self._model = model
         self._rest = np.zeros(0, dtype=np.float32)
         self.windows = 0
+        self.resets = 0
+        warm_s = min(options.reset_warmup_s, options.endpoint_silence_s)
+        self._resets = options.reset_state_at_endpoint and model is not None
+        self._warm_windows = int(warm_s * SAMPLE_RATE) // self.window if self._resets else 0
+        self._recent = np.zeros((0, self.window), dtype=np.float32)  # the last windows, for warm-up
+        self._reset_due = False
+        self._skip = 0
 
     def take_windows(self, samples: np.ndarray) -> np.ndarray:
-        """The whole windows available after adding ``samples``, shape ``(n, window)``."""
+        """The windows to run through the VAD after adding ``samples``, shape ``(n, window)``.
+
+        After an endpoint the stream's recurrent state is reset first, and the windows start with
+        the endpoint's trailing silence again, which only re-warms the fresh state (their
+        probabilities are dropped by :meth:`endpoint`).
+        """
         if self._rest.size:
             samples = np.concatenate([self._rest, samples])
         n = samples.size // self.window
         self._rest = samples[n * self.window:]
-        return samples[: n * self.window].reshape(n, self.window)
+        windows = samples[: n * self.window].reshape(n, self.window)
+        if self._reset_due and self.needs_model:
+            self._reset_stream()
+            self._skip = len(self._recent)
+            if self._skip:
+                windows = np.concatenate([self._recent, windows])
+        if self._warm_windows and n:
+            self._recent = np.concatenate([self._recent, windows[self._skip:]])[-self._warm_windows:]
+        return windows
 
     def endpoint(self, probabilities: np.ndarray) -> list[Event]:
+        probabilities, self._skip = probabilities[self._skip:], 0
         self.windows += len(probabilities)
         events: list[Event] = []
         for p in probabilities:
             events.extend(self.endpointer.push(p))
+        if self._resets and any(isinstance(e, SpeechEnd) and e.reason == "silence" for e in events):
+            self._reset_due = True
         return events
+
+    def _reset_stream(self) -> None:
+        # Silero's recurrent state drifts over a long stream (after one speaker or recording, the
+        # next one can score 0.1-0.5 where a fresh state scores 0.9+): start each silence afresh.
+        self._reset_due = False
+        self.resets += 1
+        reset = getattr(self.stream, "reset", None)
+        if reset is not None:
+            reset()
+        else:
+            self.stream = self._model.open_stream()
 
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Windows, probabilities and endpointing in one call (for offline use and tests)."""

@@ -78,6 +78,9 @@ class OnnxSilero:
 class OnnxStream:
     def __init__(self, model: OnnxSilero):
         self.model = model
+        self.reset()
+
+    def reset(self) -> None:
         self.state = np.zeros((2, 1, 128), dtype=np.float32)
         self.context = np.zeros((1, CONTEXT), dtype=np.float32)
 
@@ -114,6 +117,9 @@ class JitStream:
     def __init__(self, torch, module):
         self.torch = torch
         self.module = module.eval()
+
+    def reset(self) -> None:
+        self.module.reset_states()
 
     def probabilities(self, windows: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
