@@ -13,7 +13,9 @@ real time (a frame leaves once its audio has "happened", like a microphone).
   ``transcript.partial``;
 - WER of the streamed transcripts against the references, and of offline
   faster-whisper on the same utterances and model (``--offline``);
-- CPU and RSS of the worker process (when the bench started it, or ``--pid``).
+- CPU and RSS of the worker process (when the bench started it, or ``--pid``), and
+  the CPU the bench itself spent sending and receiving (on the same machine, the
+  load generator takes cores from the worker).
 
 A level of N streams is *real-time* when final latency p95 ≤ ``--max-p95``
 and no session got a processing_lag warning or error.
@@ -192,13 +194,14 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
-    t0 = time.monotonic()
+    t0, client_t0 = time.monotonic(), time.process_time()
     # Users do not all start talking on the same 50 ms: offsets spread the streams (golden-ratio
     # spacing over --stagger seconds), or endpoints of rotated copies would coincide.
     offsets = [((k * 0.6180339887) % 1.0) * args.stagger for k in range(n)]
     results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress, off)
                                      for s, off in zip(per_stream, offsets)))
     wall = time.monotonic() - t0
+    client_cpu = round((time.process_time() - client_t0) / wall * 100, 1) if wall > 0 else None
     progress.sent = progress.total
     progress.draw()
     cpu = proc.cpu_percent(None) if proc else None
@@ -221,6 +224,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
         "partials": sum(r.partials for r in results),
         "wer": round(wer.wer, 4),
         "cpu_percent": cpu,
+        "client_cpu_percent": client_cpu,
         "rss_mib": _mib(rss),
         "rss_growth_mib": _mib(rss - rss_before) if rss and rss_before else None,
         "lag_events": lag,
@@ -295,7 +299,8 @@ def main(args) -> int:
 def table(report: dict[str, Any]) -> str:
     cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
             ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
-            ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"), ("rss_mib", "RSS MiB"),
+            ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"),
+            ("client_cpu_percent", "client CPU %"), ("rss_mib", "RSS MiB"),
             ("lag_events", "lag"), ("realtime", "real-time")]
     lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
              f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "

@@ -9,7 +9,7 @@ from .test_engines_and_plugins import run_cli
 
 FIELDS = {
     "streams", "final_latency_p50", "final_latency_p95", "first_partial_latency_p50", "first_partial_latency_p95",
-    "wer", "wer_vs_offline", "cpu_percent", "rss_mib", "lag_events", "errors", "realtime",
+    "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "rss_mib", "lag_events", "errors", "realtime",
 }
 
 
