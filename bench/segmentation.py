@@ -13,7 +13,6 @@ seconds of the preceding audio in front when the previous utterance ended less t
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -22,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from engine_host_asr_faster_whisper import FRAMES_PER_S, _bucketed_model_class, resolve_model_path
+from engine_host_asr_faster_whisper import FRAMES_PER_S, VARIANT_SCHEMA, _bucketed_model_class, resolve_model_path
 from engine_host_vad_silero import build as build_vad
-from host.client import read_wav
+from host.bench import load_manifest
 from host.contracts import SAMPLE_RATE, LoadContext
 from host.endpointing import EndpointingOptions, SpeechEnd, SpeechStart
 from host.vad import VadStage
@@ -64,11 +63,11 @@ def decode(model, audio: np.ndarray, keep_from_s: float = 0.0) -> str:
 
 def main() -> None:
     contexts = [float(a) for a in sys.argv[1:]]
-    rows = list(csv.DictReader(open(SPEECH / "manifest.tsv", encoding="utf-8"), delimiter="\t"))
-    clips = [np.frombuffer(read_wav(SPEECH / r["path"]).pcm, "<i2").astype(np.float32) / 32768 for r in rows]
+    items = load_manifest(SPEECH / "manifest.tsv", None)
+    clips = [np.frombuffer(it.audio.pcm, "<i2").astype(np.float32) / 32768 for it in items]
     gap = np.zeros(int(GAP_S * SAMPLE_RATE), np.float32)
     stream = np.concatenate([part for c in clips for part in (c, gap)])
-    reference = " ".join(r["reference"] for r in rows)
+    reference = " ".join(it.reference for it in items)
     engine = yaml.safe_load(ENGINE.read_text())
     vad_options = dict(engine["pipeline"]["vad"]["options"])
     for setting in filter(None, os.environ.get("ENDPOINTING", "").split(",")):
@@ -78,7 +77,12 @@ def main() -> None:
     fast = engine["pipeline"]["asr"]["options"]["models"]["fast"]
     model = _bucketed_model_class()(str(resolve_model_path(fast["path"])), device="cpu",
                                     compute_type=fast["compute_type"], cpu_threads=2)
-    model.bucket_frames, model.margin_frames = 10 * FRAMES_PER_S, int(2.5 * FRAMES_PER_S)
+    # The plugin's bucketing, with the variant's values or the plugin's defaults.
+    defaults = {k: v["default"] for k, v in VARIANT_SCHEMA["properties"].items() if "default" in v}
+    settings = {**defaults, **fast}
+    bucket = settings["encoder_bucket_s"]
+    model.bucket_frames = int(bucket * FRAMES_PER_S) if bucket else None
+    model.margin_frames = int(settings["encoder_margin_s"] * FRAMES_PER_S)
     decode(model, np.zeros(SAMPLE_RATE, np.float32))
     print(f"{len(clips)} clips, {len(spans)} VAD utterances ({os.environ.get('ENDPOINTING') or 'engine defaults'})")
     if os.environ.get("SKIP_WHOLE"):
@@ -86,8 +90,8 @@ def main() -> None:
     else:
         t0 = time.perf_counter()
         total = WerCounts(0, 0)
-        for row, clip in zip(rows, clips):
-            total += word_errors(row["reference"], decode(model, clip))
+        for it, clip in zip(items, clips):
+            total += word_errors(it.reference, decode(model, clip))
         print(f"{'whole clips':34s} WER {total.wer:.4f}  compute {time.perf_counter() - t0:.1f} s")
 
     for context in [0.0] + contexts:

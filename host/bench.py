@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 
 from host.client import Audio, concat, read_wav, session_url, silence, stream
+from host.endpointing import EndpointingOptions
 from host.wer import WerCounts, word_errors
 
 DEFAULT_MANIFEST = Path("../shared/speech/manifest.tsv")
@@ -109,10 +110,8 @@ def analyse(result, reference: str, speed: float | None, endpointing: dict[str, 
     """Latencies, WER and problems of one streamed session."""
     stats = StreamStats()
     stats.wer = word_errors(reference, result.end["transcript"] if result.end else "")
-    postroll = endpointing.get("postroll_s", 0.0)
-    endpoint = endpointing.get("endpoint_silence_s", 0.5)
-    short, short_endpoint = endpointing.get("short_utterance_s", 0.0), endpointing.get("short_endpoint_silence_s", 0.0)
-    preroll = endpointing.get("preroll_s", 0.0)
+    options = EndpointingOptions.from_options({"postroll_s": 0.0, "preroll_s": 0.0, **endpointing})
+    postroll, preroll = options.postroll_s, options.preroll_s
     start_at: dict[int, float] = {}
     onset_at: dict[int, float] = {}
     end_at: dict[int, float] = {}
@@ -127,8 +126,7 @@ def analyse(result, reference: str, speed: float | None, endpointing: dict[str, 
             # The endpoint fired this much silence after the last speech (speech_end carries the
             # post-roll); the endpointer waits longer while an utterance is short.
             speech = message["timestamp"] - postroll - start_at.get(utterance, 0.0)
-            silence = max(endpoint, short_endpoint) if short and speech < short else endpoint
-            end_at[utterance] = message["timestamp"] + silence - postroll
+            end_at[utterance] = message["timestamp"] + options.endpoint_silence_for(speech) - postroll
         elif kind == "transcript.partial":
             stats.partials += 1
             uid = message["utterance_id"]

@@ -88,6 +88,14 @@ class EndpointingOptions:
     reset_state_at_endpoint: bool = True
     reset_warmup_s: float = 0.5
 
+    def endpoint_silence_for(self, speech_s: float) -> float:
+        """Seconds of silence that end an utterance holding ``speech_s`` of speech (pre-roll
+        included): longer while it is still short. A short fragment decoded alone is where
+        Whisper errs most; waiting longer often joins it to the speech that follows."""
+        if self.short_utterance_s and speech_s < self.short_utterance_s:
+            return max(self.endpoint_silence_s, self.short_endpoint_silence_s)
+        return self.endpoint_silence_s
+
     @classmethod
     def from_options(cls, options: dict) -> "EndpointingOptions":
         names = {f.name for f in fields(cls)}
@@ -132,8 +140,6 @@ class Endpointer:
         self._neg = max(0.0, options.threshold - 0.15) if neg is None else min(neg, options.threshold)
         s = SAMPLE_RATE
         self._endpoint = int(options.endpoint_silence_s * s)
-        self._short = int(options.short_utterance_s * s)
-        self._short_endpoint = max(self._endpoint, int(options.short_endpoint_silence_s * s))
         self._preroll = int(options.preroll_s * s)
         self._postroll = int(options.postroll_s * s)
         self._min_speech = int(options.min_speech_s * s)
@@ -231,12 +237,10 @@ class Endpointer:
         return events
 
     def _endpoint_silence(self) -> int:
-        """Samples of silence that end the open utterance: longer while it is still short (a short
-        fragment decoded alone is where Whisper errs most; waiting longer often joins it to the
-        speech that follows). Speculation is pushed back by the same amount."""
-        if self._short and self._last_speech_end - self._start < self._short:
-            return self._short_endpoint
-        return self._endpoint
+        """Samples of silence that end the open utterance (:meth:`EndpointingOptions.endpoint_silence_for`).
+        Speculation is pushed back by as much as this exceeds ``endpoint_silence_s``."""
+        speech_s = (self._last_speech_end - self._start) / SAMPLE_RATE
+        return int(self.options.endpoint_silence_for(speech_s) * SAMPLE_RATE)
 
     def _track(self, p: float, end: int) -> None:
         if p >= self.options.threshold:

@@ -55,7 +55,7 @@ class VadStage:
         n = samples.size // self.window
         self._rest = samples[n * self.window:]
         windows = samples[: n * self.window].reshape(n, self.window)
-        if self._reset_due and self.needs_model:
+        if self._reset_due:
             self._reset_stream()
             self._skip = len(self._recent)
             if self._skip:
