@@ -106,3 +106,23 @@ async def test_accurate_variant(idle_worker, speech_by_id):
                           speed=None)
     assert result.of("session.begin")[0]["config"]["model"] == "accurate"
     assert word_errors(utt.reference, result.end["transcript"]).wer <= 0.2
+
+
+async def test_finals_without_word_timestamps_skip_alignment(idle_worker, speech_by_id):
+    """word_timestamps=false (the default) decodes finals without the word-alignment pass: the
+    same words as with it, no words sent, and the utterance's VAD span as the segment's times."""
+    utt = speech_by_id["jfk"]
+    audio = concat(silence(1.5), read_wav(utt.path), silence(1.0))
+    with_words = await stream(session_url(idle_worker.url, word_timestamps=True), audio, speed=None)
+    without = await stream(session_url(idle_worker.url, word_timestamps=False), audio, speed=None)
+    check_order(without)
+    assert len(without.finals) == len(with_words.finals)
+    for final, reference in zip(without.finals, with_words.finals):
+        assert final["text"] and word_errors(reference["text"], final["text"]).wer == 0  # punctuation may differ
+    spans = list(zip(without.of("vad.speech_start"), without.of("vad.speech_end")))
+    for final in without.finals:
+        assert "words" not in final
+        assert 0.0 <= final["confidence"] <= 1.0
+        start, end = spans[final["utterance_id"]]
+        assert (final["start"], final["end"]) == (start["timestamp"], end["timestamp"])
+
