@@ -103,3 +103,34 @@ def test_transcribe_mic_without_a_device_says_why():
     assert out.returncode == 2 and ("--mic needs" in out.stderr or "no input device" in out.stderr), out.stderr
     out = run_cli("transcribe")
     assert out.returncode == 2 and "WAV file or --mic" in out.stderr
+
+
+BLAS_THREADS = """
+import ctypes, host, numpy
+numpy.ones((64, 64)) @ numpy.ones((64, 64))
+paths = sorted({line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()})
+for path in paths:
+    lib = ctypes.CDLL(path)
+    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+        if hasattr(lib, name):
+            print(getattr(lib, name)())
+            raise SystemExit
+print("none")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_numpy_blas_runs_one_thread_unless_the_operator_says_otherwise():
+    """numpy's OpenBLAS threads spin after each call and take cores from the decoders."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", BLAS_THREADS], env=env, capture_output=True, text=True, check=True)
+    if out.stdout.strip() == "none":
+        pytest.skip("numpy here is not linked to OpenBLAS")
+    assert out.stdout.strip() == "1"
+    if (os.cpu_count() or 1) >= 2:
+        env["OPENBLAS_NUM_THREADS"] = "2"
+        out = subprocess.run([sys.executable, "-c", BLAS_THREADS], env=env, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == "2"
