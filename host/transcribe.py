@@ -76,8 +76,10 @@ class LiveView:
 def params_for(args, audio: Audio | None) -> dict[str, Any]:
     rate = audio.sample_rate if audio is not None else 16000
     channels = audio.channels if audio is not None else 1
+    # Subtitle cues keep the tight first-to-last-word times: without word timestamps a final's
+    # times are its utterance's VAD bounds (pre-roll and post-roll included).
     return dict(engine=args.engine, model=args.model, language=args.language,
-                word_timestamps=args.word_timestamps or args.format in ("json",) or None,
+                word_timestamps=args.word_timestamps or args.format in ("json", "srt", "vtt") or None,
                 enable_vad=False if args.no_vad else None,
                 sample_rate=rate if rate != 16000 else None, channels=channels if channels != 1 else None,
                 api_key=args.api_key)

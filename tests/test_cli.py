@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import re
+import subprocess
 import sys
 import wave
 
@@ -122,8 +123,6 @@ print("none")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_numpy_blas_runs_one_thread_unless_the_operator_says_otherwise():
     """numpy's OpenBLAS threads spin after each call and take cores from the decoders."""
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", BLAS_THREADS], env=env, capture_output=True, text=True, check=True)
     if out.stdout.strip() == "none":
