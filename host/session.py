@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import numpy as np
 
@@ -69,6 +69,15 @@ class SessionServices:
     on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
 
 
+class _Speculation(NamedTuple):
+    """A speculative decode of the open utterance as if it ended at ``end``."""
+
+    utterance_id: int
+    end: int
+    words: bool
+    ticket: Ticket
+
+
 class Session:
     def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
         self.id = f"sess_{uuid.uuid4().hex[:16]}"
@@ -98,7 +107,7 @@ class Session:
         self._agreement = LocalAgreement()
         self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
-        self._speculative: tuple[int, int, bool, Ticket] | None = None  # (utterance id, end sample, words, job)
+        self._speculative: _Speculation | None = None
         self._previous_end = -1  # end sample of the last utterance
         self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
         self._lag_warned: set[int] = set()
@@ -376,12 +385,12 @@ class Session:
             return  # finals are queued: a guess that speech may resume would only delay them
         words = self._wants_words(start)
         ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), SPECULATIVE)
-        self._speculative = (uid, end, words, ticket)
+        self._speculative = _Speculation(uid, end, words, ticket)
 
     def _drop_speculative(self) -> None:
         """Forget the speculative decode, withdrawing it if no thread has started it."""
         if self._speculative is not None:
-            self._speculative[3].cancel()
+            self._speculative.ticket.cancel()
             self._speculative = None
 
     def _finalize(self, utterance: Utterance, start: int, end: int, words: bool) -> None:
@@ -390,9 +399,9 @@ class Session:
         ticket = None
         spec, self._speculative = self._speculative, None
         if spec is not None:
-            withdrawn = spec[3].cancel()  # a guess for other audio must not keep a decoder busy
-            if spec[:3] == (utterance.id, end, words) and not withdrawn:
-                ticket = spec[3]  # already decoding or decoded exactly this audio: reuse it
+            withdrawn = spec.ticket.cancel()  # a guess for other audio must not keep a decoder busy
+            if (spec.utterance_id, spec.end, spec.words) == (utterance.id, end, words) and not withdrawn:
+                ticket = spec.ticket  # already decoding or decoded exactly this audio: reuse it
         if ticket is None:
             ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), FINAL)
         self._awaiting[utterance.id] = time.monotonic()
