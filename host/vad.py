@@ -105,11 +105,12 @@ class VadStage:
 class VadBatcher:
     """Runs the VAD windows of every session of one model together, off the event loop.
 
-    One window of Silero costs ~0.14 ms alone but ~0.07 ms in a batch of 4 or more
-    (bench/vad_cost.py), because per-call overhead dominates such a small model. While
+    A small model like Silero costs far less per window in a batch than alone
+    (bench/vad_cost.py): fixed per-call costs and reading its weights dominate. While
     a batch runs, new requests queue up and form the next batch, so batches grow with
-    load and a lone session waits for nobody. A model without ``batch_probabilities``
-    is run stream by stream, still off the loop.
+    load and a lone session waits for nobody. A model with ``run_batch`` gets every
+    waiting request in one call; one with only ``batch_probabilities`` gets one call per
+    window position; any other is run stream by stream, still off the loop.
     """
 
     def __init__(self, model: VadModel, executor: Executor, max_batch: int = 64):
@@ -148,8 +149,12 @@ class VadBatcher:
             self._draining = False
 
     def _run(self, batch) -> list[np.ndarray]:
-        batched = getattr(self.model, "batch_probabilities", None)
         self.windows += sum(len(w) for _, w, _ in batch)
+        run_batch = getattr(self.model, "run_batch", None)
+        if run_batch is not None:
+            self.calls += 1
+            return run_batch([stream for stream, _, _ in batch], [windows for _, windows, _ in batch])
+        batched = getattr(self.model, "batch_probabilities", None)
         if batched is None or len(batch) == 1:
             self.calls += len(batch)
             return [stream.probabilities(windows) for stream, windows, _ in batch]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -138,14 +140,18 @@ def test_earliest_needed_sample_covers_preroll():
     assert ep.earliest_needed_sample() == ep.position - int(0.3 * SR)
 
 
-@pytest.fixture(scope="module")
-def silero():
+def _silero(backend: str, model_file: str | None = None):
     from engine_host_vad_silero import build
     from host.contracts import LoadContext
 
     cache = {}
-    return build({"backend": "onnx", "model_file": None},
+    return build({"backend": backend, "model_file": model_file},
                  LoadContext(shared=lambda k, f: cache.setdefault(k, f()), engine_id="t"))
+
+
+@pytest.fixture(scope="module", params=["numpy", "onnx"])
+def silero(request):
+    return _silero(request.param)
 
 
 def test_silero_finds_speech_in_real_audio(silero, speech_by_id):
@@ -182,6 +188,71 @@ def test_silero_batched_matches_one_by_one(silero, speech_by_id):
     streams = [silero.open_stream() for _ in chunks]
     batched = np.stack([silero.batch_probabilities(streams, chunks[:, k]) for k in range(30)], axis=1)
     np.testing.assert_allclose(batched, np.stack(alone), atol=1e-5)
+
+
+def test_silero_numpy_backend_matches_onnxruntime(speech_by_id):
+    """The numpy backend computes the ONNX model's own weights: same probabilities, for one stream
+    fed in uneven chunks and for ragged batches of several streams in one call."""
+    numpy_model, onnx_model = _silero("numpy"), _silero("onnx")
+    audio = read_wav(speech_by_id["jfk"].path)
+    samples = np.frombuffer(audio.pcm, dtype="<i2").astype(np.float32) / 32768
+    n = samples.size // W
+    wins = samples[: n * W].reshape(n, W)
+    reference = onnx_model.open_stream().probabilities(wins)
+    stream, cuts = numpy_model.open_stream(), [0, 1, 4, 5, 13, 40, 41, n]
+    ours = np.concatenate([stream.probabilities(wins[a:b]) for a, b in zip(cuts, cuts[1:])])
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+    assert (reference > 0.5).mean() > 0.4  # real speech, not a trivially silent comparison
+
+    streams = [numpy_model.open_stream() for _ in range(3)]
+    starts, done = [0, n // 3, 2 * n // 3], [[], [], []]
+    for sizes in ([1, 2, 0], [3, 1, 1], [0, 0, 2], [2, 3, 1], [1, 1, 1]):
+        pieces = [wins[s:s + k] for s, k in zip(starts, sizes)]
+        for i, probs in enumerate(numpy_model.run_batch(streams, pieces)):
+            assert len(probs) == sizes[i]
+            done[i].append(probs)
+        starts = [s + k for s, k in zip(starts, sizes)]
+    for i, first in enumerate([0, n // 3, 2 * n // 3]):
+        alone = onnx_model.open_stream().probabilities(wins[first:starts[i]])
+        np.testing.assert_allclose(np.concatenate(done[i]), alone, atol=1e-4)
+
+
+def test_silero_numpy_backend_refuses_another_model(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from engine_host_vad_silero.numpy_model import UnsupportedModel
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "other",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 512])])
+    path = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(UnsupportedModel, match="other.onnx .*not a Silero v5 model"):
+        _silero("numpy", str(path))
+
+
+async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id):
+    """Requests that wait together run in one ``run_batch`` call, each stream in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from host.vad import VadBatcher
+
+    model, reference = _silero("numpy"), _silero("onnx")
+    samples = _samples(speech_by_id["jfk"])[: 120 * W].reshape(4, 30, W)
+    with ThreadPoolExecutor(1) as pool:
+        batcher = VadBatcher(model, pool)
+        streams = [model.open_stream() for _ in range(4)]
+
+        async def session(i: int) -> np.ndarray:
+            chunks = np.array_split(samples[i], 10)
+            return np.concatenate([await batcher.probabilities(streams[i], c) for c in chunks])
+
+        results = await asyncio.gather(*(session(i) for i in range(4)))
+    for i, probs in enumerate(results):
+        np.testing.assert_allclose(probs, reference.open_stream().probabilities(samples[i]), atol=1e-4)
+    assert batcher.windows == 120
+    assert batcher.calls < 40  # 40 requests; the ones that waited together shared a call
 
 
 def _samples(utt) -> np.ndarray:

@@ -55,7 +55,7 @@ def test_default_engine_is_valid(plugins):
     (engine,) = engines
     assert engine.models == ["fast", "accurate"]
     assert engine.pipeline["vad"].endpointing["threshold"] == 0.5
-    assert engine.pipeline["vad"].options == {"backend": "onnx", "model_file": None}
+    assert engine.pipeline["vad"].options == {"backend": "numpy", "model_file": None}
     assert engine.pipeline["asr"].options["models"]["accurate"]["beam_size"] == 5
     assert engine.pipeline["assembler"].plugin == "default"
 
