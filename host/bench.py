@@ -15,7 +15,9 @@ real time (a frame leaves once its audio has "happened", like a microphone).
   faster-whisper on the same utterances and model (``--offline``);
 - CPU and RSS of the worker process (when the bench started it, or ``--pid``), and
   the CPU the bench itself spent sending and receiving (on the same machine, the
-  load generator takes cores from the worker).
+  load generator takes cores from the worker);
+- VAD CPU: the thread time the worker's VAD spent on speech probabilities during
+  the level, as a percentage of one core (from its /metrics).
 
 A level of N streams is *real-time* when final latency p95 ≤ ``--max-p95``
 and no session got a processing_lag warning or error.
@@ -175,11 +177,28 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
             time.sleep(0.05)
 
 
+def _http_base(url: str) -> str:
+    return url.replace("ws://", "http://").replace("wss://", "https://").split("/session")[0].rstrip("/")
+
+
 def fetch_engine(url: str, engine: str | None) -> dict[str, Any]:
-    http = url.replace("ws://", "http://").replace("wss://", "https://").split("/session")[0].rstrip("/")
-    with urllib.request.urlopen(http + "/engines", timeout=5) as r:
+    with urllib.request.urlopen(_http_base(url) + "/engines", timeout=5) as r:
         engines = json.loads(r.read())
     return next((e for e in engines if e["id"] == engine), engines[0])
+
+
+def vad_cpu_seconds(url: str) -> float | None:
+    """The worker's ``engine_host_vad_cpu_seconds_total``, or None where /metrics does not say
+    (a router, metrics behind a key, an older worker)."""
+    try:
+        with urllib.request.urlopen(_http_base(url) + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("engine_host_vad_cpu_seconds_total "):
+            return float(line.split()[1])
+    return None
 
 
 async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
@@ -192,6 +211,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
+    vad_before = vad_cpu_seconds(url)
     t0, client_t0 = time.monotonic(), time.process_time()
     # Users do not all start talking on the same 50 ms: offsets spread the streams (golden-ratio
     # spacing over --stagger seconds), or endpoints of rotated copies would coincide.
@@ -204,6 +224,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     progress.draw()
     cpu = proc.cpu_percent(None) if proc else None
     rss = proc.memory_info().rss if proc else None
+    vad_after = vad_cpu_seconds(url) if vad_before is not None else None
     finals = [x for r in results for x in r.final_latencies]
     partials = [x for r in results for x in r.first_partial_latencies]
     wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
@@ -223,6 +244,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
         "wer": round(wer.wer, 4),
         "cpu_percent": cpu,
         "client_cpu_percent": client_cpu,
+        "vad_cpu_percent": round((vad_after - vad_before) / wall * 100, 1) if vad_after is not None else None,
         "rss_mib": _mib(rss),
         "rss_growth_mib": _mib(rss - rss_before) if rss and rss_before else None,
         "lag_events": lag,
@@ -298,7 +320,7 @@ def table(report: dict[str, Any]) -> str:
     cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
             ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
             ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"),
-            ("client_cpu_percent", "client CPU %"), ("rss_mib", "RSS MiB"),
+            ("client_cpu_percent", "client CPU %"), ("vad_cpu_percent", "VAD CPU %"), ("rss_mib", "RSS MiB"),
             ("lag_events", "lag"), ("realtime", "real-time")]
     lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
              f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "

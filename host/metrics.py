@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -71,9 +71,19 @@ class _StateCollector:
         for i, gpu in enumerate(s["memory"].get("gpus", [])):
             memory.add_metric(["gpu", str(gpu.get("index", i))], gpu.get("used_bytes", 0))
         yield memory
+        vad = s.get("vad", {})
+        yield _counter("engine_host_vad_cpu_seconds", "CPU time the VAD threads spent on speech probabilities",
+                       vad.get("cpu_seconds", 0.0))
+        yield _counter("engine_host_vad_windows", "VAD windows computed", vad.get("windows", 0))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc)
     g.add_metric([], value)
     return g
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c

@@ -257,6 +257,8 @@ class Worker:
             "status": self.status,
             "queue_depth": self.scheduler.depths(),
             "memory": self.models.memory(),
+            "vad": {"cpu_seconds": sum(b.cpu_seconds for b in self._vad_batchers.values()),
+                    "windows": sum(b.windows for b in self._vad_batchers.values())},
         }
 
     def worker_info(self) -> WorkerInfo:

@@ -4,6 +4,7 @@ sessions) and endpoints the probabilities."""
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 
 import numpy as np
@@ -121,6 +122,8 @@ class VadBatcher:
         self._draining = False
         self.calls = 0
         self.windows = 0
+        self.cpu_seconds = 0.0
+        """CPU time spent computing probabilities (thread time of the VAD threads)."""
 
     async def probabilities(self, stream: VadStream, windows: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
@@ -149,6 +152,13 @@ class VadBatcher:
             self._draining = False
 
     def _run(self, batch) -> list[np.ndarray]:
+        started = time.thread_time()
+        try:
+            return self._compute(batch)
+        finally:
+            self.cpu_seconds += time.thread_time() - started
+
+    def _compute(self, batch) -> list[np.ndarray]:
         self.windows += sum(len(w) for _, w, _ in batch)
         run_batch = getattr(self.model, "run_batch", None)
         if run_batch is not None:

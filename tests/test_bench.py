@@ -9,7 +9,7 @@ from .test_engines_and_plugins import run_cli
 
 FIELDS = {
     "streams", "final_latency_p50", "final_latency_p95", "first_partial_latency_p50", "first_partial_latency_p95",
-    "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "rss_mib", "lag_events", "errors", "realtime",
+    "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "vad_cpu_percent", "rss_mib", "lag_events", "errors", "realtime",
 }
 
 
@@ -27,6 +27,7 @@ def test_bench_sweep_json(tmp_path, speech):
         assert run["finals"] >= 2 and run["errors"] == []
         assert 0 <= run["wer"] <= 0.5
         assert run["final_latency_p50"] is not None and run["first_partial_latency_p50"] is not None
+        assert run["vad_cpu_percent"] > 0  # read from the worker's /metrics
     assert report["offline"]["wer"] is not None
     assert report["machine"]["cores"] >= 1 and report["startup_seconds"] > 0
     assert "max_realtime_streams" in report

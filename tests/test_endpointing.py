@@ -253,6 +253,7 @@ async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id
         np.testing.assert_allclose(probs, reference.open_stream().probabilities(samples[i]), atol=1e-4)
     assert batcher.windows == 120
     assert batcher.calls < 40  # 40 requests; the ones that waited together shared a call
+    assert batcher.cpu_seconds > 0
 
 
 def _samples(utt) -> np.ndarray:

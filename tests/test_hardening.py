@@ -161,6 +161,9 @@ async def test_metrics_count_sessions_audio_latency_and_errors(guarded, speech_b
     assert after["engine_host_ready"] == 1
     assert after['engine_host_memory_bytes{device="cpu",kind="rss"}'] > 100e6
     assert any(k.startswith("engine_host_queue_depth{") for k in after)
+    windows = after["engine_host_vad_windows_total"] - before["engine_host_vad_windows_total"]
+    assert windows >= int(audio.seconds * 16000) // 512  # every window of the session, warm-ups too
+    assert after["engine_host_vad_cpu_seconds_total"] > before["engine_host_vad_cpu_seconds_total"]
 
 
 async def test_metrics_can_require_a_key(tmp_path):
