@@ -108,7 +108,8 @@ class Worker:
     def _vad_batcher(self, model) -> VadBatcher:
         batcher = self._vad_batchers.get(id(model))
         if batcher is None:
-            batcher = self._vad_batchers[id(model)] = VadBatcher(model, self._vad_executor)
+            batcher = self._vad_batchers[id(model)] = VadBatcher(
+                model, self._vad_executor, interval_s=self.settings.vad_batch_interval_ms / 1000)
         return batcher
 
     # --- lifecycle ----------------------------------------------------------

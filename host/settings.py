@@ -34,6 +34,8 @@ class Settings:
     """Seconds between returns of freed C-heap memory to the OS (0: never)."""
     vad_threads: int = 0
     """Threads for per-frame VAD work (0: one per CPU core)."""
+    vad_batch_interval_ms: float = 20.0
+    """Under load, the least time between two VAD batches of one model (0: never wait)."""
     idle_timeout_s: float = 30.0
     """A session with no client message for this long ends with error idle_timeout (0: never)."""
     max_session_s: float = 14400.0
@@ -84,6 +86,8 @@ ENV = {
     "lag_limit_s": ("LAG_LIMIT_S", "a final this late ends the session with error processing_lag"),
     "memory_trim_s": ("MEMORY_TRIM_S", "seconds between returning freed heap memory to the OS (0: never)"),
     "vad_threads": ("VAD_THREADS", "threads for VAD work (0: one per CPU core)"),
+    "vad_batch_interval_ms": ("VAD_BATCH_INTERVAL_MS",
+                              "under load, least milliseconds between two VAD batches of a model (0: never wait)"),
     "idle_timeout_s": ("IDLE_TIMEOUT_S", "a session with no client message this long ends with idle_timeout (0: never)"),
     "max_session_s": ("MAX_SESSION_S", "a session open this long ends with max_duration (0: no limit)"),
     "max_control_per_s": ("MAX_CONTROL_PER_S", "JSON control messages per second a session may send (bursts of 2x)"),

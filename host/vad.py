@@ -109,24 +109,34 @@ class VadBatcher:
     A small model like Silero costs far less per window in a batch than alone
     (bench/vad_cost.py): fixed per-call costs and reading its weights dominate. While
     a batch runs, new requests queue up and form the next batch, so batches grow with
-    load and a lone session waits for nobody. A model with ``run_batch`` gets every
-    waiting request in one call; one with only ``batch_probabilities`` gets one call per
-    window position; any other is run stream by stream, still off the loop.
+    load and a lone session waits for nobody. Under load (see :meth:`busy`) a batch
+    also starts at least ``interval_s`` after the previous one, so that more requests
+    share it: at 32 real-time sessions 20 ms halved the VAD's CPU time. A model with
+    ``run_batch`` gets every waiting request in one call; one with only
+    ``batch_probabilities`` gets one call per window position; any other is run stream
+    by stream, still off the loop.
     """
 
-    def __init__(self, model: VadModel, executor: Executor, max_batch: int = 64):
+    def __init__(self, model: VadModel, executor: Executor, max_batch: int = 64, interval_s: float = 0.0):
         self.model = model
         self.executor = executor
         self.max_batch = max_batch
+        self.interval_s = interval_s
         self._pending: list[tuple[VadStream, np.ndarray, asyncio.Future]] = []
         self._draining = False
+        self._last_start = float("-inf")
+        self._second = 0  # arrivals are counted per whole second of the loop's clock
+        self._arrivals = 0
+        self._arrivals_last_second = 0
         self.calls = 0
         self.windows = 0
         self.cpu_seconds = 0.0
         """CPU time spent computing probabilities (thread time of the VAD threads)."""
 
     async def probabilities(self, stream: VadStream, windows: np.ndarray) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.count_arrival(loop.time())
+        future = loop.create_future()
         self._pending.append((stream, windows, future))
         if not self._draining:
             self._draining = True
@@ -137,6 +147,11 @@ class VadBatcher:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
+                if self.busy():
+                    wait = self._last_start + self.interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                self._last_start = loop.time()
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 try:
                     results = await loop.run_in_executor(self.executor, self._run, batch)
@@ -150,6 +165,19 @@ class VadBatcher:
                         future.set_result(probs)
         finally:
             self._draining = False
+
+    def count_arrival(self, now: float) -> None:
+        """Count one request that arrived at ``now`` (the event loop's clock)."""
+        second = int(now)
+        if second != self._second:
+            self._arrivals_last_second = self._arrivals if second == self._second + 1 else 0
+            self._second, self._arrivals = second, 0
+        self._arrivals += 1
+
+    def busy(self) -> bool:
+        """Whether to hold batches ``interval_s`` apart: only when the last second brought at least
+        four requests per interval. A few sessions never wait; many share fewer, larger calls."""
+        return self.interval_s > 0 and self._arrivals_last_second * self.interval_s >= 4
 
     def _run(self, batch) -> list[np.ndarray]:
         started = time.thread_time()

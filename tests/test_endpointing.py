@@ -232,8 +232,10 @@ def test_silero_numpy_backend_refuses_another_model(tmp_path):
         _silero("numpy", str(path))
 
 
-async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id):
-    """Requests that wait together run in one ``run_batch`` call, each stream in order."""
+@pytest.mark.parametrize("interval_s", [0.0, 0.005])
+async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id, interval_s):
+    """Requests that wait together run in one ``run_batch`` call, each stream in order, also when
+    a busy batcher holds batches apart."""
     from concurrent.futures import ThreadPoolExecutor
 
     from host.vad import VadBatcher
@@ -241,7 +243,9 @@ async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id
     model, reference = _silero("numpy"), _silero("onnx")
     samples = _samples(speech_by_id["jfk"])[: 120 * W].reshape(4, 30, W)
     with ThreadPoolExecutor(1) as pool:
-        batcher = VadBatcher(model, pool)
+        batcher = VadBatcher(model, pool, interval_s=interval_s)
+        for _ in range(1000):  # a busy last second
+            batcher.count_arrival(asyncio.get_running_loop().time() - 1)
         streams = [model.open_stream() for _ in range(4)]
 
         async def session(i: int) -> np.ndarray:
@@ -254,6 +258,27 @@ async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id
     assert batcher.windows == 120
     assert batcher.calls < 40  # 40 requests; the ones that waited together shared a call
     assert batcher.cpu_seconds > 0
+
+
+def test_vad_batcher_holds_batches_apart_only_under_load():
+    from host.vad import VadBatcher
+
+    batcher = VadBatcher(model=None, executor=None, interval_s=0.02)
+    for i in range(150):
+        batcher.count_arrival(10 + i / 150)
+    batcher.count_arrival(11.0)
+    assert not batcher.busy()  # 150 requests a second: 3 per 20 ms interval
+    for i in range(300):
+        batcher.count_arrival(11 + i / 300)
+    batcher.count_arrival(12.0)
+    assert batcher.busy()  # 6 per interval
+    batcher.count_arrival(14.5)
+    assert not batcher.busy()  # nothing came in the second before
+    never = VadBatcher(model=None, executor=None, interval_s=0)
+    for i in range(1000):
+        never.count_arrival(1 + i / 1000)
+    never.count_arrival(2.0)
+    assert not never.busy()
 
 
 def _samples(utt) -> np.ndarray:
