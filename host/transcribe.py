@@ -73,13 +73,18 @@ class LiveView:
         self.out.flush()
 
 
+def output_format(args) -> str:
+    """The transcript format asked for: ``--json`` is the same as ``--format json``."""
+    return "json" if args.json else args.format
+
+
 def params_for(args, audio: Audio | None) -> dict[str, Any]:
     rate = audio.sample_rate if audio is not None else 16000
     channels = audio.channels if audio is not None else 1
     # Subtitle cues keep the tight first-to-last-word times: without word timestamps a final's
     # times are its utterance's VAD bounds (pre-roll and post-roll included).
     return dict(engine=args.engine, model=args.model, language=args.language,
-                word_timestamps=args.word_timestamps or args.format in ("json", "srt", "vtt") or None,
+                word_timestamps=args.word_timestamps or output_format(args) in ("json", "srt", "vtt") or None,
                 enable_vad=False if args.no_vad else None,
                 sample_rate=rate if rate != 16000 else None, channels=channels if channels != 1 else None,
                 api_key=args.api_key)
@@ -87,7 +92,7 @@ def params_for(args, audio: Audio | None) -> dict[str, Any]:
 
 async def run(args) -> int:
     audio = None if args.mic else read_wav(args.file)
-    fmt = "json" if args.json else args.format
+    fmt = output_format(args)
     # Live lines go to stdout only for plain text to a terminal-less pipe or screen; a document
     # format (or --output) keeps stdout clean, so the live view moves to stderr.
     live_out = sys.stdout if fmt == "text" and args.output is None else sys.stderr

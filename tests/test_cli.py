@@ -20,12 +20,24 @@ from .test_engines_and_plugins import run_cli
 
 def test_transcribe_with_in_process_worker(speech_by_id):
     utt = speech_by_id["jfk"]
-    out = run_cli("transcribe", str(utt.path), "--json", "--word-timestamps")
+    out = run_cli("transcribe", str(utt.path), "--json")  # same as --format json: words included
     assert out.returncode == 0, out.stderr
     end = json.loads(out.stdout)
     assert end["type"] == "session.end"
     assert word_errors(utt.reference, end["transcript"]).wer <= 0.2
     assert all("words" in s for s in end["segments"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    ([], None), (["--word-timestamps"], True), (["--json"], True), (["--format", "json"], True),
+    (["--format", "srt"], True), (["--format", "vtt"], True),
+])
+def test_transcribe_asks_for_word_timestamps_when_its_format_needs_them(flags, words):
+    from host.cli import build_parser
+    from host.transcribe import params_for
+
+    args = build_parser().parse_args(["transcribe", "x.wav", *flags])
+    assert params_for(args, None)["word_timestamps"] is words
 
 
 def test_transcribe_against_running_worker_prints_finals(worker, speech_by_id):
