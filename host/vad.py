@@ -128,6 +128,11 @@ class VadBatcher:
         self._second = 0  # arrivals are counted per whole second of the loop's clock
         self._arrivals = 0
         self._arrivals_last_second = 0
+        self._streams: set[int] = set()
+        self._streams_last_second = 0
+        self._everyone_waits: asyncio.Event | None = None
+        self.holds = 0
+        """Batches that were held back to gather more requests."""
         self.calls = 0
         self.windows = 0
         self.cpu_seconds = 0.0
@@ -135,9 +140,11 @@ class VadBatcher:
 
     async def probabilities(self, stream: VadStream, windows: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        self.count_arrival(loop.time())
+        self.count_arrival(loop.time(), id(stream))
         future = loop.create_future()
         self._pending.append((stream, windows, future))
+        if self._everyone_waits is not None and len(self._pending) >= self._streams_last_second:
+            self._everyone_waits.set()
         if not self._draining:
             self._draining = True
             asyncio.create_task(self._drain())
@@ -147,10 +154,7 @@ class VadBatcher:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                if self.busy():
-                    wait = self._last_start + self.interval_s - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
+                await self._gather(loop)
                 self._last_start = loop.time()
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 try:
@@ -166,18 +170,41 @@ class VadBatcher:
         finally:
             self._draining = False
 
-    def count_arrival(self, now: float) -> None:
-        """Count one request that arrived at ``now`` (the event loop's clock)."""
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Under load, hold the next batch until ``interval_s`` after the previous one started, or
+        until every stream active in the last second has a request waiting. A session that streams
+        faster than real time alone is never held: it would only wait for itself."""
+        if not self.busy() or len(self._pending) >= self._streams_last_second:
+            return
+        wait = self._last_start + self.interval_s - loop.time()
+        if wait <= 0:
+            return
+        self.holds += 1
+        self._everyone_waits = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._everyone_waits.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._everyone_waits = None
+
+    def count_arrival(self, now: float, stream: int) -> None:
+        """Count one request of ``stream`` (an id) that arrived at ``now`` (the event loop's clock)."""
         second = int(now)
         if second != self._second:
-            self._arrivals_last_second = self._arrivals if second == self._second + 1 else 0
-            self._second, self._arrivals = second, 0
+            consecutive = second == self._second + 1
+            self._arrivals_last_second = self._arrivals if consecutive else 0
+            self._streams_last_second = len(self._streams) if consecutive else 0
+            self._second, self._arrivals, self._streams = second, 0, set()
         self._arrivals += 1
+        self._streams.add(stream)
 
     def busy(self) -> bool:
-        """Whether to hold batches ``interval_s`` apart: only when the last second brought at least
-        four requests per interval. A few sessions never wait; many share fewer, larger calls."""
-        return self.interval_s > 0 and self._arrivals_last_second * self.interval_s >= 4
+        """Whether batches are held apart: only when the last second brought at least four
+        requests per ``interval_s`` from at least two streams. A few sessions never wait; many
+        share fewer, larger calls."""
+        return (self.interval_s > 0 and self._streams_last_second > 1
+                and self._arrivals_last_second * self.interval_s >= 4)
 
     def _run(self, batch) -> list[np.ndarray]:
         started = time.thread_time()

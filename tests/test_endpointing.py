@@ -244,8 +244,8 @@ async def test_vad_batcher_gives_each_session_its_own_probabilities(speech_by_id
     samples = _samples(speech_by_id["jfk"])[: 120 * W].reshape(4, 30, W)
     with ThreadPoolExecutor(1) as pool:
         batcher = VadBatcher(model, pool, interval_s=interval_s)
-        for _ in range(1000):  # a busy last second
-            batcher.count_arrival(asyncio.get_running_loop().time() - 1)
+        for i in range(1000):  # a busy last second
+            batcher.count_arrival(asyncio.get_running_loop().time() - 1, i % 10)
         streams = [model.open_stream() for _ in range(4)]
 
         async def session(i: int) -> np.ndarray:
@@ -265,20 +265,49 @@ def test_vad_batcher_holds_batches_apart_only_under_load():
 
     batcher = VadBatcher(model=None, executor=None, interval_s=0.02)
     for i in range(150):
-        batcher.count_arrival(10 + i / 150)
-    batcher.count_arrival(11.0)
+        batcher.count_arrival(10 + i / 150, i % 10)
+    batcher.count_arrival(11.0, 0)
     assert not batcher.busy()  # 150 requests a second: 3 per 20 ms interval
     for i in range(300):
-        batcher.count_arrival(11 + i / 300)
-    batcher.count_arrival(12.0)
-    assert batcher.busy()  # 6 per interval
-    batcher.count_arrival(14.5)
+        batcher.count_arrival(11 + i / 300, i % 10)
+    batcher.count_arrival(12.0, 0)
+    assert batcher.busy()  # 6 per interval, from 10 sessions
+    batcher.count_arrival(14.5, 0)
     assert not batcher.busy()  # nothing came in the second before
+    for i in range(1000):
+        batcher.count_arrival(15 + i / 1000, 7)
+    batcher.count_arrival(16.0, 7)
+    assert not batcher.busy()  # one session faster than real time waits for nobody
     never = VadBatcher(model=None, executor=None, interval_s=0)
     for i in range(1000):
-        never.count_arrival(1 + i / 1000)
-    never.count_arrival(2.0)
+        never.count_arrival(1 + i / 1000, i % 10)
+    never.count_arrival(2.0, 0)
     assert not never.busy()
+
+
+async def test_busy_vad_batcher_holds_a_batch_for_other_sessions_not_for_a_lone_one(speech_by_id):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from host.vad import VadBatcher
+
+    model = _silero("numpy")
+    windows = _samples(speech_by_id["jfk"])[: 3 * W].reshape(3, W)
+    with ThreadPoolExecutor(1) as pool:
+        batcher = VadBatcher(model, pool, interval_s=0.005)
+        now = asyncio.get_running_loop().time()
+        for i in range(1000):  # ten sessions were busy in the last second
+            batcher.count_arrival(now - 1, i % 10)
+        stream = model.open_stream()
+        for _ in range(3):
+            await batcher.probabilities(stream, windows)
+        assert batcher.holds >= 1  # the other nine might have sent something
+
+        lone = VadBatcher(model, pool, interval_s=0.005)
+        for _ in range(1000):  # one session, faster than real time
+            lone.count_arrival(now - 1, id(stream))
+        for _ in range(3):
+            await lone.probabilities(stream, windows)
+        assert lone.holds == 0
 
 
 def _samples(utt) -> np.ndarray:
