@@ -20,11 +20,7 @@ import numpy as np
 
 from host.hookspecs import hookimpl
 
-from .numpy_model import NumpySilero
-
-SAMPLE_RATE = 16000
-WINDOW = 512
-CONTEXT = 64
+from .numpy_model import CONTEXT, SAMPLE_RATE, WINDOW, NumpySilero
 
 OPTIONS_SCHEMA = {
     "type": "object",
