@@ -43,7 +43,6 @@ class ConvLayer:
     matrix: np.ndarray
     bias: np.ndarray
     stride: int
-    t_in: int
     t_out: int
     dense: bool
 
@@ -61,9 +60,9 @@ class ConvLayer:
                     if 0 <= ti < t_in:
                         dense[ti, :, to, :] = weight[:, :, j].T
             return cls(dense.reshape(t_in * c_in, t_out * c_out), np.tile(bias, t_out).astype(np.float32),
-                       stride, t_in, t_out, True)
+                       stride, t_out, True)
         taps = np.ascontiguousarray(weight.transpose(1, 2, 0).reshape(c_in, k * c_out), dtype=np.float32)
-        return cls(taps, bias.astype(np.float32), stride, t_in, t_out, False)
+        return cls(taps, bias.astype(np.float32), stride, t_out, False)
 
     def __call__(self, h: np.ndarray) -> np.ndarray:
         n, t, c = h.shape
