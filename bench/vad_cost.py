@@ -3,10 +3,10 @@
 Usage: .venv/bin/python bench/vad_cost.py [WAV] [--streams 32] [--frame 0.05]
 Feeds the file in --frame second frames (the bench's client sends 50 ms). "alone" runs
 host.vad.VadStage per stream (windowing, Silero, endpointing) for each backend; "batched" gives
-one frame of each of N streams to the model at once, as a loaded worker's VadBatcher does when N
-sessions' audio waits together: ``run_batch`` for the numpy backend, one ``batch_probabilities``
-call per window position for onnx. Prints microseconds per 512-sample (32 ms) window and the share
-of one core that N real-time sessions would cost. Warm caches, nothing else running: under a real
+one frame of each of N streams to VadBatcher's own call at once, as a loaded worker does when N
+sessions' audio waits together (``run_batch`` for the numpy backend, one ``batch_probabilities``
+call per window position for onnx). Prints microseconds per 512-sample (32 ms) window and the
+share of one core that N real-time sessions would cost. Warm caches, nothing else running: under a real
 load the worker's own figure (``engine-host bench``, column VAD CPU %) is the one that counts.
 """
 
@@ -22,7 +22,7 @@ from engine_host_vad_silero import build
 from host.client import read_wav
 from host.contracts import LoadContext
 from host.endpointing import EndpointingOptions
-from host.vad import VadStage
+from host.vad import VadBatcher, VadStage
 
 WINDOWS_PER_S = 16000 / 512
 
@@ -55,21 +55,15 @@ def main() -> None:
 
     for backend in ("numpy", "onnx"):
         model = build({"backend": backend, "model_file": None}, ctx)
+        batcher = VadBatcher(model, executor=None)  # its call itself, on this thread
         stages = [VadStage(model, EndpointingOptions()) for _ in range(args.streams)]
-        streams = [st.stream for st in stages]
         t0 = time.perf_counter()
-        windows = 0
         for frame in frames:
             per_stream = [st.take_windows(frame) for st in stages]
-            if backend == "numpy":
-                model.run_batch(streams, per_stream)
-            else:
-                for k in range(len(per_stream[0])):
-                    model.batch_probabilities(streams, np.stack([w[k] for w in per_stream]))
-            windows += sum(len(w) for w in per_stream)
+            batcher._run([(st.stream, w, None) for st, w in zip(stages, per_stream)])
             for st, w in zip(stages, per_stream):
                 st.endpoint(np.full(len(w), 0.1, dtype=np.float32))
-        print(f"{backend:5s} batched ({args.streams}): {share((time.perf_counter() - t0) / windows, args.streams)}")
+        print(f"{backend:5s} batched ({args.streams}): {share((time.perf_counter() - t0) / batcher.windows, args.streams)}")
 
 
 if __name__ == "__main__":
