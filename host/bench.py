@@ -17,7 +17,11 @@ real time (a frame leaves once its audio has "happened", like a microphone).
   the CPU the bench itself spent sending and receiving (on the same machine, the
   load generator takes cores from the worker);
 - VAD CPU: the thread time the worker's VAD spent on speech probabilities during
-  the level, as a percentage of one core (from its /metrics).
+  the level, as a percentage of one core (from its /metrics);
+- from the same counters: how busy the inference threads were, the mean time one
+  final took on its thread (this VM's speed at that moment: results of the same
+  command on a shared VM differ with it), and what became of the speculative
+  finals (used, wasted because speech resumed, withdrawn before they ran).
 
 A level of N streams is *real-time* when final latency p95 ≤ ``--max-p95``
 and no session got a processing_lag warning or error.
@@ -187,18 +191,51 @@ def fetch_engine(url: str, engine: str | None) -> dict[str, Any]:
     return next((e for e in engines if e["id"] == engine), engines[0])
 
 
-def vad_cpu_seconds(url: str) -> float | None:
-    """The worker's ``engine_host_vad_cpu_seconds_total``, or None where /metrics does not say
-    (a router, metrics behind a key, an older worker)."""
+def worker_counters(url: str) -> dict[str, float] | None:
+    """The worker's counters the bench reports on, summed over labels where the bench does not
+    need them apart; None where /metrics does not answer (a router, metrics behind a key)."""
     try:
         with urllib.request.urlopen(_http_base(url) + "/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
         return None
+    out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("engine_host_vad_cpu_seconds_total "):
-            return float(line.split()[1])
-    return None
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        name, _, labels = sample.partition("{")
+        if name == "engine_host_vad_cpu_seconds_total":
+            out["vad_cpu_seconds"] = float(value)
+        elif name == "engine_host_inference_seconds_total":
+            kind = "decode" if 'kind="partial"' not in labels else "partial"
+            out[f"{kind}_seconds"] = out.get(f"{kind}_seconds", 0.0) + float(value)
+        elif name == "engine_host_inference_jobs_total" and 'outcome="completed"' in labels:
+            kind = "decode" if 'kind="partial"' not in labels else "partial"
+            out[f"{kind}_jobs"] = out.get(f"{kind}_jobs", 0.0) + float(value)
+        elif name == "engine_host_speculative_decodes_total":
+            out["speculative_" + labels.split('"')[1]] = float(value)
+    return out
+
+
+def _counter_fields(before: dict[str, float] | None, after: dict[str, float] | None, wall: float) -> dict:
+    """Per-level figures from the worker's counters (None where the worker did not report them)."""
+    if before is None or after is None or wall <= 0:
+        return {"vad_cpu_percent": None, "asr_busy_percent": None, "decode_mean_s": None, "speculative": None}
+
+    def d(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    busy = d("decode_seconds") + d("partial_seconds")
+    return {
+        "vad_cpu_percent": round(d("vad_cpu_seconds") / wall * 100, 1) if "vad_cpu_seconds" in after else None,
+        # Thread-busy time of the inference queue, in % of one thread: past 100 × threads it is saturated.
+        "asr_busy_percent": round(busy / wall * 100, 1),
+        # Mean time one final (or speculative final) took on its thread: how fast this machine decodes
+        # right now, the figure to compare when the same command gives different results on a VM.
+        "decode_mean_s": round(d("decode_seconds") / d("decode_jobs"), 3) if d("decode_jobs") else None,
+        "speculative": {k: int(d("speculative_" + k)) for k in ("used", "wasted", "withdrawn")},
+    }
 
 
 async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
@@ -211,7 +248,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
-    vad_before = vad_cpu_seconds(url)
+    counters_before = worker_counters(url)
     t0, client_t0 = time.monotonic(), time.process_time()
     # Users do not all start talking on the same 50 ms: offsets spread the streams (golden-ratio
     # spacing over --stagger seconds), or endpoints of rotated copies would coincide.
@@ -224,7 +261,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     progress.draw()
     cpu = proc.cpu_percent(None) if proc else None
     rss = proc.memory_info().rss if proc else None
-    vad_after = vad_cpu_seconds(url) if vad_before is not None else None
+    counters = _counter_fields(counters_before, worker_counters(url) if counters_before else None, wall)
     finals = [x for r in results for x in r.final_latencies]
     partials = [x for r in results for x in r.first_partial_latencies]
     wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
@@ -244,7 +281,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
         "wer": round(wer.wer, 4),
         "cpu_percent": cpu,
         "client_cpu_percent": client_cpu,
-        "vad_cpu_percent": round((vad_after - vad_before) / wall * 100, 1) if vad_after is not None else None,
+        **counters,
         "rss_mib": _mib(rss),
         "rss_growth_mib": _mib(rss - rss_before) if rss and rss_before else None,
         "lag_events": lag,
@@ -320,7 +357,8 @@ def table(report: dict[str, Any]) -> str:
     cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
             ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
             ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"),
-            ("client_cpu_percent", "client CPU %"), ("vad_cpu_percent", "VAD CPU %"), ("rss_mib", "RSS MiB"),
+            ("client_cpu_percent", "client CPU %"), ("vad_cpu_percent", "VAD CPU %"),
+            ("asr_busy_percent", "ASR busy %"), ("decode_mean_s", "decode s"), ("rss_mib", "RSS MiB"),
             ("lag_events", "lag"), ("realtime", "real-time")]
     lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
              f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "

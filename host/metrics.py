@@ -33,6 +33,10 @@ class Metrics:
         self.audio_seconds = Counter("engine_host_audio_seconds", "Seconds of audio received", registry=r)
         self.speech_seconds = Counter("engine_host_speech_seconds", "Seconds of speech endpointed", registry=r)
         self.errors = Counter("engine_host_errors", "Error messages sent to clients, by code", ["code"], registry=r)
+        self.speculative = Counter(
+            "engine_host_speculative_decodes", "Speculative finals (decoded during the endpoint silence), by "
+            "outcome: used as the final, wasted (speech resumed after it started) or withdrawn before it started",
+            ["outcome"], registry=r)
         self.final_latency = Histogram(
             "engine_host_final_latency_seconds", "From the endpoint of an utterance to its transcript.final",
             buckets=LATENCY_BUCKETS, registry=r)
@@ -75,6 +79,18 @@ class _StateCollector:
         yield _counter("engine_host_vad_cpu_seconds", "CPU time the VAD threads spent on speech probabilities",
                        vad.get("cpu_seconds", 0.0))
         yield _counter("engine_host_vad_windows", "VAD windows computed", vad.get("windows", 0))
+        seconds = CounterMetricFamily("engine_host_inference_seconds",
+                                      "Time inference threads spent running jobs, by model and kind",
+                                      labels=["model", "kind"])
+        jobs = CounterMetricFamily("engine_host_inference_jobs", "Inference jobs by model, kind and outcome: "
+                                   "completed, skipped (stale when their turn came), withdrawn (cancelled "
+                                   "before a thread took them)", labels=["model", "kind", "outcome"])
+        for (model, kind), usage in sorted(s.get("inference", {}).items()):
+            seconds.add_metric([model, kind], usage.seconds)
+            for outcome in ("completed", "skipped", "withdrawn"):
+                jobs.add_metric([model, kind, outcome], getattr(usage, outcome))
+        yield seconds
+        yield jobs
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,23 @@ log = logging.getLogger(__name__)
 FINAL = 0
 SPECULATIVE = 1
 PARTIAL = 2
+KIND_NAMES = {FINAL: "final", SPECULATIVE: "speculative", PARTIAL: "partial"}
+
+
+@dataclass
+class JobUsage:
+    """What one priority of one queue has cost so far (counters, for /metrics and the bench)."""
+
+    seconds: float = 0.0
+    completed: int = 0
+    skipped: int = 0
+    """Stale when their turn came (a partial of an utterance that has ended)."""
+    withdrawn: int = 0
+    """Cancelled by their session before a thread took them."""
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.completed += 1
 
 
 @dataclass(order=True)
@@ -54,6 +71,8 @@ class InferenceQueue:
         self._waiting = {FINAL: 0, SPECULATIVE: 0, PARTIAL: 0}
         self._count_lock = threading.Lock()
         self.busy_seconds = 0.0
+        self.usage = {p: JobUsage() for p in KIND_NAMES}
+        """Per priority: seconds the threads spent running its jobs, jobs run and skipped."""
 
     def start(self) -> None:
         for i in range(self.threads):
@@ -96,22 +115,30 @@ class InferenceQueue:
             with self._count_lock:
                 self._waiting[job.priority] -= 1
             if job.future.cancelled():
+                with self._count_lock:
+                    self.usage[job.priority].withdrawn += 1
                 continue
             if job.stale is not None and job.stale():
                 job.loop.call_soon_threadsafe(job.future.cancel)
-                self.skipped += 1
+                with self._count_lock:
+                    self.skipped += 1
+                    self.usage[job.priority].skipped += 1
                 continue
             job.started = True
-            self.busy += 1
+            with self._count_lock:
+                self.busy += 1
             t0 = time.perf_counter()
             try:
                 result, error = job.fn(), None
             except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting session
                 result, error = None, exc
             finally:
-                self.busy -= 1
-                self.busy_seconds += time.perf_counter() - t0
-                self.completed += 1
+                spent = time.perf_counter() - t0
+                with self._count_lock:  # two threads may finish at once
+                    self.busy -= 1
+                    self.busy_seconds += spent
+                    self.completed += 1
+                    self.usage[job.priority].add(spent)
             try:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             except RuntimeError:
@@ -165,12 +192,19 @@ class Scheduler:
 
     def depths(self) -> dict[tuple[str, str], int]:
         """Jobs waiting per (queue name, priority name), for metrics."""
-        names = {FINAL: "final", SPECULATIVE: "speculative", PARTIAL: "partial"}
         out = {}
         for q in self.queues.values():
             with q._count_lock:
                 counts = dict(q._waiting)
-            out.update({(q.name, names[p]): n for p, n in counts.items()})
+            out.update({(q.name, KIND_NAMES[p]): n for p, n in counts.items()})
+        return out
+
+    def usage(self) -> dict[tuple[str, str], JobUsage]:
+        """Time spent and jobs run or skipped per (queue name, priority name), for metrics."""
+        out = {}
+        for q in self.queues.values():
+            with q._count_lock:
+                out.update({(q.name, KIND_NAMES[p]): replace(u) for p, u in q.usage.items()})
         return out
 
     def stats(self) -> dict[str, Any]:

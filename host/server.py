@@ -257,6 +257,7 @@ class Worker:
             "capacity": self.settings.max_sessions,
             "status": self.status,
             "queue_depth": self.scheduler.depths(),
+            "inference": self.scheduler.usage(),
             "memory": self.models.memory(),
             "vad": {"cpu_seconds": sum(b.cpu_seconds for b in self._vad_batchers.values()),
                     "windows": sum(b.windows for b in self._vad_batchers.values())},

@@ -390,7 +390,8 @@ class Session:
     def _drop_speculative(self) -> None:
         """Forget the speculative decode, withdrawing it if no thread has started it."""
         if self._speculative is not None:
-            self._speculative.ticket.cancel()
+            withdrawn = self._speculative.ticket.cancel()
+            self.services.metrics.speculative.labels("withdrawn" if withdrawn else "wasted").inc()
             self._speculative = None
 
     def _finalize(self, utterance: Utterance, start: int, end: int, words: bool) -> None:
@@ -402,6 +403,8 @@ class Session:
             withdrawn = spec.ticket.cancel()  # a guess for other audio must not keep a decoder busy
             if (spec.utterance_id, spec.end, spec.words) == (utterance.id, end, words) and not withdrawn:
                 ticket = spec.ticket  # already decoding or decoded exactly this audio: reuse it
+            outcome = "withdrawn" if withdrawn else "used" if ticket is not None else "wasted"
+            self.services.metrics.speculative.labels(outcome).inc()
         if ticket is None:
             ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), FINAL)
         self._awaiting[utterance.id] = time.monotonic()

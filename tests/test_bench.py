@@ -9,7 +9,8 @@ from .test_engines_and_plugins import run_cli
 
 FIELDS = {
     "streams", "final_latency_p50", "final_latency_p95", "first_partial_latency_p50", "first_partial_latency_p95",
-    "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "vad_cpu_percent", "rss_mib", "lag_events", "errors", "realtime",
+    "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "vad_cpu_percent", "asr_busy_percent",
+    "decode_mean_s", "speculative", "rss_mib", "lag_events", "errors", "realtime",
 }
 
 
@@ -28,6 +29,8 @@ def test_bench_sweep_json(tmp_path, speech):
         assert 0 <= run["wer"] <= 0.5
         assert run["final_latency_p50"] is not None and run["first_partial_latency_p50"] is not None
         assert run["vad_cpu_percent"] > 0  # read from the worker's /metrics
+        assert run["asr_busy_percent"] > 0 and run["decode_mean_s"] > 0
+        assert set(run["speculative"]) == {"used", "wasted", "withdrawn"}
     assert report["offline"]["wer"] is not None
     assert report["machine"]["cores"] >= 1 and report["startup_seconds"] > 0
     assert "max_realtime_streams" in report

@@ -165,6 +165,17 @@ async def test_metrics_count_sessions_audio_latency_and_errors(guarded, speech_b
     assert windows >= int(audio.seconds * 16000) // 512  # every window of the session, warm-ups too
     assert after["engine_host_vad_cpu_seconds_total"] > before["engine_host_vad_cpu_seconds_total"]
 
+    def delta(prefix: str, *labels: str) -> float:
+        """Change of every sample of ``prefix`` whose labels include all of ``labels``."""
+        keys = [k for k in after if k.startswith(prefix + "{") and all(x in k for x in labels)]
+        return sum(after[k] - before.get(k, 0.0) for k in keys)
+
+    # Every final came from a final decode or from a speculative one that was used.
+    assert (delta("engine_host_inference_jobs_total", 'kind="final"', 'outcome="completed"')
+            + delta("engine_host_speculative_decodes_total", 'outcome="used"')) >= finals
+    assert delta("engine_host_inference_seconds_total", 'kind="final"') + delta(
+        "engine_host_inference_seconds_total", 'kind="speculative"') > 0
+
 
 async def test_metrics_can_require_a_key(tmp_path):
     w = WorkerProcess(tmp_path, api_keys=KEYS[0], metrics_auth="true")

@@ -86,13 +86,17 @@ def test_queue_serves_finals_first_then_in_order_and_skips_stale():
                     pass
             await asyncio.sleep(0.05)
             assert q.waiting(PARTIAL) == 0
-            return order, tickets[3].future.cancelled(), q.skipped
+            return order, tickets[3].future.cancelled(), q.skipped, q.usage
         finally:
             q.stop()
 
-    order, stale_cancelled, skipped = asyncio.run(scenario())
+    order, stale_cancelled, skipped, usage = asyncio.run(scenario())
     assert order == ["f1", "f2", "s1", "p1", "p2"]
     assert stale_cancelled and skipped == 1
+    # What each kind cost, for /metrics: the blocker and f1, f2 ran; one final was withdrawn.
+    assert (usage[FINAL].completed, usage[FINAL].withdrawn, usage[FINAL].skipped) == (3, 1, 0)
+    assert (usage[SPECULATIVE].completed, usage[PARTIAL].completed, usage[PARTIAL].skipped) == (1, 2, 1)
+    assert usage[FINAL].seconds >= 0.04  # the blocker held its thread while the test slept
 
 
 @pytest.fixture(scope="module")
