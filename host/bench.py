@@ -230,7 +230,7 @@ def _counter_fields(before: dict[str, float] | None, after: dict[str, float] | N
     return {
         "vad_cpu_percent": round(d("vad_cpu_seconds") / wall * 100, 1) if "vad_cpu_seconds" in after else None,
         # Thread-busy time of the inference queue, in % of one thread: past 100 × threads it is saturated.
-        "asr_busy_percent": round(busy / wall * 100, 1),
+        "asr_busy_percent": round(busy / wall * 100, 1) if "decode_seconds" in after else None,
         # Mean time one final (or speculative final) took on its thread: how fast this machine decodes
         # right now, the figure to compare when the same command gives different results on a VM.
         "decode_mean_s": round(d("decode_seconds") / d("decode_jobs"), 3) if d("decode_jobs") else None,
