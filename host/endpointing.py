@@ -124,7 +124,14 @@ class SpeechPause:
     sample: int
 
 
-Event = SpeechStart | SpeechEnd | SpeechPause
+@dataclass(frozen=True)
+class SpeechResume:
+    """Speech came back after a :class:`SpeechPause`, at ``sample``: the end that pause guessed is void."""
+
+    sample: int
+
+
+Event = SpeechStart | SpeechEnd | SpeechPause | SpeechResume
 
 _SILENCE, _PENDING, _SPEECH = "silence", "pending", "speech"
 _CUT_SEARCH_S = 3.0
@@ -198,8 +205,9 @@ class Endpointer:
         else:
             self._recent.append((pos, p))
             self._track(p, end)
-            if self._silence_run == 0:
+            if self._silence_run == 0 and self._paused:
                 self._paused = False
+                events.append(SpeechResume(pos))
             if self._silence_run >= self._endpoint_silence():
                 events.append(self._close(min(self._last_speech_end + self._postroll, end), "silence"))
             elif end - self._start >= self._max_len:

@@ -27,7 +27,7 @@ import numpy as np
 from host import sender as msg
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
-from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechStart
+from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 from host.limits import TokenBucket
 from host.metrics import Metrics
 from host.models import LoadedEngine
@@ -351,6 +351,10 @@ class Session:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
             elif isinstance(event, SpeechPause) and self._utterance is not None:
                 self._speculate(event.sample)
+            elif isinstance(event, SpeechResume):
+                # Withdraw the guess now, not at the next pause: under load it would otherwise wait
+                # in the queue and could still take a thread for audio that is no longer the end.
+                self._drop_speculative()
             elif isinstance(event, SpeechEnd) and self._utterance is not None:
                 uid, start = self._utterance
                 self._utterance = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from host.client import read_wav
-from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechPause, SpeechStart
+from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 
 W = 512  # 32 ms windows
 SR = 16000
@@ -20,7 +20,7 @@ def run(probs, pauses=False, **opts):
     for p in probs:
         events.extend(ep.push(p))
     if not pauses:
-        events = [e for e in events if not isinstance(e, SpeechPause)]
+        events = [e for e in events if not isinstance(e, (SpeechPause, SpeechResume))]
     return ep, events
 
 
@@ -50,8 +50,10 @@ def test_resumed_speech_gets_a_new_pause():
     probs = [0.9] * windows(1.0) + [0.0] * windows(0.3) + [0.9] * windows(1.0) + [0.0] * windows(1.0)
     _, events = run(probs, pauses=True, speculate_after_s=0.2, endpoint_silence_s=0.5)
     kinds = [type(e) for e in events]
-    assert kinds == [SpeechStart, SpeechPause, SpeechPause, SpeechEnd]
-    assert events[1].sample < events[2].sample == events[3].sample
+    assert kinds == [SpeechStart, SpeechPause, SpeechResume, SpeechPause, SpeechEnd]
+    assert events[1].sample < events[3].sample == events[4].sample
+    # The resume is reported at the first speech window after the pause.
+    assert events[2].sample == (windows(1.0) + windows(0.3)) * W
 
 
 def test_speculation_off():
