@@ -72,7 +72,7 @@ class InferenceQueue:
         self._count_lock = threading.Lock()
         self.busy_seconds = 0.0
         self.usage = {p: JobUsage() for p in KIND_NAMES}
-        """Per priority: seconds the threads spent running its jobs, jobs run and skipped."""
+        """Per priority: seconds the threads spent running its jobs; jobs run, skipped and withdrawn."""
 
     def start(self) -> None:
         for i in range(self.threads):
@@ -200,7 +200,7 @@ class Scheduler:
         return out
 
     def usage(self) -> dict[tuple[str, str], JobUsage]:
-        """Time spent and jobs run or skipped per (queue name, priority name), for metrics."""
+        """A copy of each queue's :class:`JobUsage` per (queue name, priority name), for metrics."""
         out = {}
         for q in self.queues.values():
             with q._count_lock:
