@@ -205,13 +205,12 @@ def worker_counters(url: str) -> dict[str, float] | None:
             continue
         sample, value = line.rsplit(" ", 1)
         name, _, labels = sample.partition("{")
+        kind = "partial" if 'kind="partial"' in labels else "decode"  # finals and speculative finals
         if name == "engine_host_vad_cpu_seconds_total":
             out["vad_cpu_seconds"] = float(value)
         elif name == "engine_host_inference_seconds_total":
-            kind = "decode" if 'kind="partial"' not in labels else "partial"
             out[f"{kind}_seconds"] = out.get(f"{kind}_seconds", 0.0) + float(value)
         elif name == "engine_host_inference_jobs_total" and 'outcome="completed"' in labels:
-            kind = "decode" if 'kind="partial"' not in labels else "partial"
             out[f"{kind}_jobs"] = out.get(f"{kind}_jobs", 0.0) + float(value)
         elif name == "engine_host_speculative_decodes_total":
             out["speculative_" + labels.split('"')[1]] = float(value)

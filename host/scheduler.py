@@ -66,11 +66,8 @@ class InferenceQueue:
         self._seq = itertools.count()
         self._workers: list[threading.Thread] = []
         self.busy = 0
-        self.completed = 0
-        self.skipped = 0
-        self._waiting = {FINAL: 0, SPECULATIVE: 0, PARTIAL: 0}
+        self._waiting = {p: 0 for p in KIND_NAMES}
         self._count_lock = threading.Lock()
-        self.busy_seconds = 0.0
         self.usage = {p: JobUsage() for p in KIND_NAMES}
         """Per priority: seconds the threads spent running its jobs; jobs run, skipped and withdrawn."""
 
@@ -86,6 +83,18 @@ class InferenceQueue:
         for t in self._workers:
             t.join(timeout=5)
         self._workers.clear()
+
+    @property
+    def completed(self) -> int:
+        """Jobs run, of every priority."""
+        with self._count_lock:
+            return sum(u.completed for u in self.usage.values())
+
+    @property
+    def skipped(self) -> int:
+        """Jobs skipped as stale, of every priority."""
+        with self._count_lock:
+            return sum(u.skipped for u in self.usage.values())
 
     @property
     def depth(self) -> int:
@@ -121,7 +130,6 @@ class InferenceQueue:
             if job.stale is not None and job.stale():
                 job.loop.call_soon_threadsafe(job.future.cancel)
                 with self._count_lock:
-                    self.skipped += 1
                     self.usage[job.priority].skipped += 1
                 continue
             job.started = True
@@ -136,8 +144,6 @@ class InferenceQueue:
                 spent = time.perf_counter() - t0
                 with self._count_lock:  # two threads may finish at once
                     self.busy -= 1
-                    self.busy_seconds += spent
-                    self.completed += 1
                     self.usage[job.priority].add(spent)
             try:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)

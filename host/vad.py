@@ -143,7 +143,7 @@ class VadBatcher:
         self.count_arrival(loop.time(), id(stream))
         future = loop.create_future()
         self._pending.append((stream, windows, future))
-        if self._everyone_waits is not None and len(self._pending) >= self._streams_last_second:
+        if self._everyone_waits is not None and self._everyone_queued():
             self._everyone_waits.set()
         if not self._draining:
             self._draining = True
@@ -174,7 +174,7 @@ class VadBatcher:
         """Under load, hold the next batch until ``interval_s`` after the previous one started, or
         until every stream active in the last second has a request waiting. A session that streams
         faster than real time alone is never held: it would only wait for itself."""
-        if not self.busy() or len(self._pending) >= self._streams_last_second:
+        if not self.busy() or self._everyone_queued():
             return
         wait = self._last_start + self.interval_s - loop.time()
         if wait <= 0:
@@ -187,6 +187,10 @@ class VadBatcher:
             pass
         finally:
             self._everyone_waits = None
+
+    def _everyone_queued(self) -> bool:
+        """Whether as many requests wait as streams were active in the last second."""
+        return len(self._pending) >= self._streams_last_second
 
     def count_arrival(self, now: float, stream: int) -> None:
         """Count one request of ``stream`` (an id) that arrived at ``now`` (the event loop's clock)."""
