@@ -33,11 +33,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from host import __version__
 from host import sender as msg
 from host.auth import ApiKeyError, ApiKeys
-from host.compat import DIALECTS, DialectConnection
+from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.plugins import PluginSet, load_plugins
 from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.server import SESSION_PATHS, _json_response, _unauthorized, bound_port, static_response
+from host.frontdoor import (
+    SESSION_PATHS, bound_port, check_request, close_now, is_upgrade, json_response, peer_of, registry_call,
+    serve_options, static_response, unauthorized,
+)
 from host.static import load_static
 from host.session_config import ConfigError
 from host.settings import RouterSettings
@@ -45,6 +48,8 @@ from host.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+
+load_dialects()  # the router speaks the vendors' protocols itself (it used to get them by importing host.server)
 
 
 class RouterError(Exception):
@@ -249,8 +254,7 @@ class Router:
         self._server = await serve(
             self._handle, self.settings.host, self.settings.port,
             process_request=self._http,
-            max_size=max(4 * self.settings.max_frame_bytes, 1 << 20),
-            ping_interval=20, ping_timeout=20, compression=None,
+            **serve_options(self.settings.max_frame_bytes, 20),
         )
         log.info("router listening on %s:%d (registry %s)", self.settings.host, self.port, self.settings.registry)
 
@@ -277,30 +281,30 @@ class Router:
     # --- HTTP -----------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request):
+        refused = check_request(request, peer_of(connection))
+        if refused is not None:
+            return refused
         url = urlsplit(request.path)
         path = url.path
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        if is_upgrade(request):
             if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
-                return _unauthorized()
+                return unauthorized()
             return None
         if path == "/health":
             status, body = await self.health()
-            return _json_response(status, body)
+            return json_response(status, body)
         if path == "/workers":
-            try:
-                workers = await self.directory.workers()
-            except Exception as exc:  # noqa: BLE001 - the registry is down: say so
-                return _json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
-            return _json_response(200, [self.describe(w) for w in workers])
+            # Internal endpoints and memory: only for key holders when the router has keys.
+            if not self.api_keys.allows(request.headers, url.query):
+                return unauthorized()
+            workers, failed = await registry_call(self.directory.workers())
+            return failed or json_response(200, [self.describe(w) for w in workers])
         if path == "/engines":
-            try:
-                workers = await self.directory.workers()
-            except Exception as exc:  # noqa: BLE001
-                return _json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
-            return _json_response(200, engines_of(workers))
+            workers, failed = await registry_call(self.directory.workers())
+            return failed or json_response(200, engines_of(workers))
         if path in self.static:
             return static_response(*self.static[path])
-        return _json_response(404, {"error": "not found", "path": path})
+        return json_response(404, {"error": "not found", "path": path})
 
     async def health(self) -> tuple[int, dict]:
         body = {"status": "healthy", "role": "router", "version": __version__,
@@ -338,10 +342,10 @@ class Router:
             return
         dialect = DIALECTS.get(url.path)
         if url.path not in SESSION_PATHS and dialect is None:
-            await ws.close(1008, "Invalid path")
+            await close_now(ws, 1008, "Invalid path")
             return
         if self._closing:
-            await ws.close(1013, "Router draining")
+            await close_now(ws, 1013, "Router draining")
             return
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         client, target = ws, (url.path, url.query)
@@ -352,20 +356,21 @@ class Router:
             try:
                 native = await client.open(query)
             except ConfigError as exc:
-                await client.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
-                await client.close(1008, "Invalid config")
+                await _refuse_config(client, str(exc))
                 return
             if native is None:
                 return  # the client left before its audio showed the format
             if query.get("api_key") or query.get("token"):  # the worker checks the key again
                 native["api_key"] = query.get("api_key") or query["token"]
             query, target = native, ("/session", urlencode(native))
+        # Everything read from the client is read before any capacity is reserved.
+        headers = forwarded_headers(ws)
         wanted = Wanted.from_query(query)
         try:
             workers = await self.directory.workers()
         except Exception as exc:  # noqa: BLE001
             log.warning("registry unavailable: %s: %s", type(exc).__name__, exc)
-            await ws.close(1013, "Registry unavailable")
+            await close_now(ws, 1013, "Registry unavailable")
             return
         attempts = 0
         for worker in rank(workers, wanted, self.suspects):
@@ -376,23 +381,32 @@ class Router:
                 continue  # filled up since we read it (another router, a burst)
             attempts += 1
             try:
-                upstream, begin = await self._open(client, worker, *target)
-            except Refused as exc:
-                log.info("worker %s refused a session (%s); trying the next", worker.info.worker_id, exc)
+                if await self._attempt(client, worker, lease, target, headers):
+                    return
+            finally:
+                # Every way out of an attempt gives the slot back, a failure of ours included:
+                # a leaked lease keeps a worker "full" for ROUTER_LEASE_TTL_S.
                 await self._release(worker, lease)
-                continue
-            except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-                log.warning("worker %s unreachable at %s (%s: %s); trying the next", worker.info.worker_id,
-                            worker.info.endpoint, type(exc).__name__, exc)
-                self.suspects.add(worker)
-                await self._release(worker, lease)
-                continue
-            if upstream is None:  # the worker rejected the config; the client has its error and close
-                await self._release(worker, lease)
-                return
+        await close_now(ws, 1013, "No worker available" if workers else "No worker registered")
+
+    async def _attempt(self, client, worker: WorkerRecord, lease: str, target: tuple[str, str],
+                       headers: list[tuple[str, str]]) -> bool:
+        """Open and relay the session on ``worker``; False to try the next candidate."""
+        try:
+            upstream, begin = await self._open(client, worker, *target, headers)
+        except Refused as exc:
+            log.info("worker %s refused a session (%s); trying the next", worker.info.worker_id, exc)
+            return False
+        except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+            log.warning("worker %s unreachable at %s (%s: %s); trying the next", worker.info.worker_id,
+                        worker.info.endpoint, type(exc).__name__, exc)
+            self.suspects.add(worker)
+            return False
+        except ConnectionClosed:
+            return True  # the client left while the worker's answer was relayed
+        if upstream is not None:  # None: the worker rejected the config; the client has its error and close
             await self._relay(client, upstream, worker, lease, begin)
-            return
-        await ws.close(1013, "No worker available" if workers else "No worker registered")
+        return True
 
     async def _reserve(self, worker: WorkerRecord, lease: str) -> bool:
         try:
@@ -404,17 +418,14 @@ class Router:
     async def _release(self, worker: WorkerRecord, lease: str) -> None:
         await call_quietly("release", self.directory.release(worker.info.worker_id, lease))
 
-    async def _open(self, ws, worker: WorkerRecord, path: str, query: str) -> tuple[ClientConnection | None, dict]:
+    async def _open(self, ws, worker: WorkerRecord, path: str, query: str,
+                    headers: list[tuple[str, str]]) -> tuple[ClientConnection | None, dict]:
         """Connect to the worker and wait for session.begin.
 
         Returns (None, {}) when the worker rejected the session for a reason the
         client must see (e.g. invalid_config): that message and the close are relayed.
         """
         target = worker.info.endpoint.rstrip("/") + path + (f"?{query}" if query else "")
-        headers = [("X-Forwarded-For", _peer(ws))]
-        for name in ("Authorization", "xi-api-key"):
-            if name in ws.request.headers:
-                headers.append((name, ws.request.headers[name]))
         timeout = self.settings.connect_timeout_s
         try:
             upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
@@ -423,30 +434,38 @@ class Router:
                                      max_size=None, compression=None, close_timeout=5)
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
-                await ws.close(1008, "Unauthorized")
+                await close_now(ws, 1008, "Unauthorized")
                 return None, {}
             raise
+        began = False
+        try:
+            upstream_or_none, begin = await self._await_begin(ws, upstream, timeout)
+            began = upstream_or_none is not None
+            return upstream_or_none, begin
+        finally:
+            if not began:
+                await upstream.close()
+
+    async def _await_begin(self, ws, upstream: ClientConnection, timeout: float) -> tuple[ClientConnection | None, dict]:
         try:
             first = await asyncio.wait_for(upstream.recv(), timeout)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else 1006
             if code == 1013:
-                raise Refused(exc.rcvd.reason) from None
+                raise Refused(exc.rcvd.reason if exc.rcvd else "") from None
             raise OSError(f"worker closed {code} before session.begin") from None
-        except asyncio.TimeoutError:
-            await upstream.close()
-            raise
         data = json.loads(first) if isinstance(first, str) else {}
         if data.get("type") == "session.begin":
             return upstream, data
         # An error before session.begin (e.g. invalid_config): relay it and the close as they are.
-        await ws.send(first)
         try:
+            await ws.send(first)
             async for message in upstream:
                 await ws.send(message)
         except ConnectionClosed:
-            pass
-        await ws.close(upstream.close_code or 1008, upstream.close_reason or "")
+            if ws.state.name != "OPEN":
+                raise  # the client went away (not the worker)
+        await close_now(ws, upstream.close_code or 1008, upstream.close_reason or "")
         return None, {}
 
     async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
@@ -461,7 +480,6 @@ class Router:
         finally:
             renewer.cancel()
             self.sessions.discard(session)
-            await self._release(worker, lease)
             if not upstream.state.name == "CLOSED":
                 await upstream.close()
         if lost:
@@ -487,9 +505,21 @@ def engines_of(workers: list[WorkerRecord]) -> list[dict]:
     return list(merged.values())
 
 
-def _peer(ws) -> str:
-    address = getattr(ws, "remote_address", None)
-    return str(address[0]) if address else ""
+def forwarded_headers(ws) -> list[tuple[str, str]]:
+    """The headers a routed session carries to its worker: the client's address and its key."""
+    headers = [("X-Forwarded-For", peer_of(ws))]
+    for name in ("Authorization", "xi-api-key"):
+        if name in ws.request.headers:
+            headers.append((name, ws.request.headers[name]))
+    return headers
+
+
+async def _refuse_config(client, message: str) -> None:
+    try:
+        await client.send(json.dumps(msg.error("invalid_config", message, recoverable=False)))
+    except ConnectionClosed:
+        return
+    await close_now(client, 1008, "Invalid config")
 
 
 async def run_router(settings: RouterSettings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Router:

@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
@@ -28,6 +28,10 @@ from host.auth import ApiKeyError, ApiKeys
 from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
+from host.frontdoor import (
+    SESSION_PATHS, bound_port, check_request, close_now, is_upgrade, json_response, peer_of, serve_options,
+    static_response, unauthorized,
+)
 from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from host.models import ModelManager, trim_memory_loop
 from host.recording import SessionRecorder, retention_loop
@@ -41,8 +45,6 @@ from host.static import load_static
 from host.vad import VadBatcher
 
 log = logging.getLogger(__name__)
-
-SESSION_PATHS = ("/session", "/v1/audio/transcriptions/stream")
 
 load_dialects()  # /v1/realtime (OpenAI), /v1/speech-to-text/realtime (ElevenLabs), /v1/listen (Deepgram)
 
@@ -61,6 +63,10 @@ class Worker:
         self.scheduler = Scheduler()
         self.status = STARTING
         self.sessions: set[Session] = set()
+        """Every open session, finalizing ones included: shutdown drains them all."""
+        self.admitted: set[Session] = set()
+        """Sessions holding a capacity slot (MAX_SESSIONS): released when the client is gone or has
+        its session.end, before finalizing or the close handshake."""
         self._reserved = 0
         self.started_at = time.time()
         self.ready_after_s: float | None = None
@@ -97,8 +103,10 @@ class Worker:
             idle_timeout_s=settings.idle_timeout_s,
             max_session_s=settings.max_session_s,
             max_control_per_s=settings.max_control_per_s,
+            max_pending_finals=settings.max_pending_finals,
             recorder=self._recorder if self.sessions_dir is not None else None,
             on_started=self._session_started,
+            on_released=self._session_released,
             on_ended=self._session_ended,
         )
 
@@ -124,11 +132,7 @@ class Worker:
             self.settings.host,
             self.settings.port,
             process_request=self._http,
-            # Frames above max_frame_bytes get a recoverable error; only absurd ones are cut off.
-            max_size=max(4 * self.settings.max_frame_bytes, 1 << 20),
-            ping_interval=self.settings.ping_interval_s or None,
-            ping_timeout=self.settings.ping_interval_s or None,
-            compression=None,
+            **serve_options(self.settings.max_frame_bytes, self.settings.ping_interval_s),
         )
         if self.api_keys.enabled:
             log.info("API keys required for /session (%d configured)%s", len(self.api_keys.keys),
@@ -253,7 +257,7 @@ class Worker:
 
     def _metrics_state(self) -> dict:
         return {
-            "active_sessions": len(self.sessions),
+            "active_sessions": len(self.admitted),
             "capacity": self.settings.max_sessions,
             "status": self.status,
             "queue_depth": self.scheduler.depths(),
@@ -280,7 +284,7 @@ class Worker:
     def worker_status(self) -> WorkerStatus:
         return WorkerStatus(
             status=self.status,
-            active_sessions=len(self.sessions),
+            active_sessions=len(self.admitted),
             capacity=self.settings.max_sessions,
             memory=self.models.memory(),
         )
@@ -289,7 +293,8 @@ class Worker:
         body = {
             "status": "healthy" if self.status == READY else self.status,
             "worker_id": self.settings.worker_id,
-            "active_sessions": len(self.sessions),
+            "active_sessions": len(self.admitted),
+            "finalizing": len(self.sessions) - len(self.admitted),
             "capacity": self.settings.max_sessions,
             "engines": list(self.models.engines),
             "version": __version__,
@@ -301,28 +306,32 @@ class Worker:
     # --- HTTP -----------------------------------------------------------------
 
     def _http(self, connection: ServerConnection, request) -> Response | None:
+        refused = check_request(request, peer_of(connection))
+        if refused is not None:
+            self.metrics.refused.labels("bad_request").inc()
+            return refused
         url = urlsplit(request.path)
         path = url.path
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        if is_upgrade(request):
             if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
                 self.metrics.refused.labels("unauthorized").inc()
-                return _unauthorized()
+                return unauthorized()
             return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
         if path == "/metrics":
             if self.settings.metrics_auth and not self.api_keys.allows(request.headers, url.query):
-                return _unauthorized()
+                return unauthorized()
             data = self.metrics.render()
             headers = Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(data))),
                                ("Cache-Control", "no-store")])
             return Response(200, "OK", headers, data)
         if path == "/health":
             status, body = self.health()
-            return _json_response(status, body)
+            return json_response(status, body)
         if path == "/engines":
-            return _json_response(200, [e.spec.describe() for e in self.models.engines.values()])
+            return json_response(200, [e.spec.describe() for e in self.models.engines.values()])
         if path in self.static:
             return static_response(*self.static[path])
-        return _json_response(404, {"error": "not found", "path": path})
+        return json_response(404, {"error": "not found", "path": path})
 
     # --- WebSocket ---------------------------------------------------------------
 
@@ -335,44 +344,63 @@ class Worker:
             return
         dialect = DIALECTS.get(url.path)
         if url.path not in SESSION_PATHS and dialect is None:
-            await ws.close(1008, "Invalid path")
+            await close_now(ws, 1008, "Invalid path")
             return
         if self.status != READY:
             self.metrics.refused.labels(self.status).inc()
-            await ws.close(1013, f"Server {self.status}")
+            await close_now(ws, 1013, f"Server {self.status}")
             return
-        if len(self.sessions) + self._reserved >= self.settings.max_sessions:
+        if len(self.admitted) + self._reserved >= self.settings.max_sessions:
             self.metrics.refused.labels("capacity").inc()
-            await ws.close(1013, "Server at capacity")
+            await close_now(ws, 1013, "Server at capacity")
             return
         self._reserved += 1
         try:
-            query = dict(parse_qsl(url.query, keep_blank_values=True))
-            conn = ws
-            try:
-                if dialect is not None:
-                    # Another vendor's protocol: translated both ways around the same session.
-                    conn = DialectConnection(ws, dialect())
-                    native = await conn.open(query, timeout=self.settings.idle_timeout_s)
-                    if native is None:
-                        return  # the client left before its audio showed the format
-                    query = native
-                engine = pick_engine(query, self.models.engines)
-                config = parse_session_config(query, engine.spec)
-            except ConfigError as exc:
-                self.metrics.refused.labels("invalid_config").inc()
-                self.metrics.errors.labels("invalid_config").inc()
-                await conn.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
-                await conn.close(1008, "Invalid config")
+            session = await self._open_session(ws, url.query, dialect)
+            if session is None:
                 return
-            session = Session(conn, engine, config, self.services)
+            self.admitted.add(session)
         finally:
             self._reserved -= 1
         self.sessions.add(session)
         try:
             await session.run()
         finally:
+            self.admitted.discard(session)
             self.sessions.discard(session)
+
+    async def _open_session(self, ws: ServerConnection, query_string: str, dialect) -> Session | None:
+        """The session a handshake asks for, or None once the client has its invalid_config error."""
+        query = dict(parse_qsl(query_string, keep_blank_values=True))
+        conn = ws
+        try:
+            if dialect is not None:
+                # Another vendor's protocol: translated both ways around the same session.
+                conn = DialectConnection(ws, dialect())
+                native = await conn.open(query, timeout=self.settings.idle_timeout_s)
+                if native is None:
+                    return None  # the client left before its audio showed the format
+                query = native
+            engine = pick_engine(query, self.models.engines)
+            config = parse_session_config(query, engine.spec)
+        except ConfigError as exc:
+            self.metrics.refused.labels("invalid_config").inc()
+            self.metrics.errors.labels("invalid_config").inc()
+            try:
+                await conn.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
+            except ConnectionClosed:
+                pass
+            await close_now(conn, 1008, "Invalid config")
+            return None
+        return Session(conn, engine, config, self.services)
+
+    def _session_released(self, session: Session) -> None:
+        """The session no longer holds a capacity slot: its client is gone or has session.end.
+        Finalizing and recording may go on; their decodes are accounted in the scheduler."""
+        if session in self.admitted:
+            self.admitted.discard(session)
+            if self.announcer is not None:
+                self.announcer.nudge()
 
     def _session_started(self, info: SessionInfo) -> None:
         log.info("session %s started: engine=%s model=%s", info.session_id, info.engine, info.config.get("model"))
@@ -403,31 +431,6 @@ def _directory_state(directory: Path) -> list[tuple[str, int, int]]:
         return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.yaml"))
     except OSError:
         return []
-
-
-def bound_port(server: Server | None, configured: int) -> int:
-    """The port a server listens on (the real one when ``configured`` was 0)."""
-    return configured if server is None else server.sockets[0].getsockname()[1]
-
-
-def static_response(content_type: str, body: bytes) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-cache")])
-    return Response(200, "OK", headers, body)
-
-
-def _unauthorized() -> Response:
-    response = _json_response(401, {"error": "unauthorized",
-                                    "message": "an API key is required: Authorization: Bearer KEY or ?api_key=KEY"})
-    response.headers["WWW-Authenticate"] = 'Bearer realm="engine-host"'
-    return response
-
-
-def _json_response(status: int, body) -> Response:
-    data = json.dumps(body).encode()
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                       ("Cache-Control", "no-store")])
-    return Response(status, HTTPStatus(status).phrase, headers, data)
 
 
 def _mib(n: int) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -127,10 +129,15 @@ class WorkerProcess(ServedProcess):
         self.worker_id = settings["worker_id"]
 
     def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until no session holds a slot or is still finalizing (a slot is given back first)."""
         t0 = time.monotonic()
-        while self.health()["active_sessions"] and time.monotonic() - t0 < timeout:
+        while self.busy() and time.monotonic() - t0 < timeout:
             time.sleep(0.05)
-        assert self.health()["active_sessions"] == 0, "sessions still active"
+        assert not self.busy(), "sessions still active"
+
+    def busy(self) -> int:
+        health = self.health()
+        return health["active_sessions"] + health.get("finalizing", 0)
 
 
 class RouterProcess(ServedProcess):
@@ -273,3 +280,58 @@ async def run_compat_snippet(vendor: str, utt: Utt, server: ServedProcess) -> st
     args = {"openai": (pcm24(audio), f"{server.url}/v1"), "elevenlabs": (pcm_at(audio, 16000), server.http),
             "deepgram": (str(utt.path), server.url)}[vendor]
     return await asyncio.wait_for(transcribe(*args), 30)
+
+
+# --- a raw WebSocket client: for hostile peers the websockets client is too polite to play ------------
+
+
+def handshake(path: str, extra: str = "") -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (mask key zero, so the payload goes as it is)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 1 << 16:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", n)
+    return head + b"\0\0\0\0" + payload
+
+
+async def raw_exchange(port: int, data: bytes, read_s: float = 10.0, until: bytes | None = None) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (or ``until`` arrived)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+
+    async def read() -> bytes:
+        got = b""
+        while chunk := await reader.read(65536):
+            got += chunk
+            if until is not None and until in got:
+                break
+        return got
+
+    try:
+        return await asyncio.wait_for(read(), read_s)
+    finally:
+        writer.close()
+
+
+async def read_frames_until_close(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
+    """Server frames (opcode, payload) up to and including the close frame; never answers."""
+    frames = []
+    while True:
+        b0, b1 = await reader.readexactly(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await reader.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await reader.readexactly(8))[0]
+        frames.append((b0 & 0x0F, await reader.readexactly(n)))
+        if frames[-1][0] == 0x8:
+            return frames

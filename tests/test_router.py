@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import struct
 import time
+import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
@@ -14,7 +17,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .support import RedisServer, RouterProcess, WorkerProcess, free_port, http_get, run_compat_snippet
+from .support import (
+    RedisServer, RouterProcess, WorkerProcess, free_port, handshake, http_get, raw_exchange, run_compat_snippet,
+)
 
 pytest.importorskip("redis")
 
@@ -209,6 +214,51 @@ async def test_compat_dialect_through_the_router(cluster, speech_by_id, vendor):
     assert word_errors(utt.reference, text).wer <= 0.25, text
 
 
+async def test_hostile_handshakes_leak_no_lease(cluster):
+    """Two Authorization headers (no key needed: the router has none), and a query the worker rejects
+    from a client that resets its connection as soon as it is upgraded: every lease comes back, so
+    the next sessions find room (before, each such handshake held a slot for ROUTER_LEASE_TTL_S)."""
+    _, workers, router = cluster
+    assert await wait_leases(router, 0) == 0
+    for _ in range(6):  # more than the 4 free slots
+        answer = await raw_exchange(router.port, handshake("/session", "Authorization: Bearer a\r\n" * 2))
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"duplicate Authorization header" in answer
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(handshake("/session?sample_rate=5"))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+    assert await wait_leases(router, 0) == 0  # the lease TTL here is 30 s: released, not expired
+    opened = [await open_session(session_url(router.url)) for _ in range(4)]
+    for ws, _ in opened:
+        await end_session(ws)
+    assert await wait_active(workers, [0, 0]) == [0, 0]
+
+
+async def wait_leases(router, expected: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (held := sum(w["leases"] for w in router.workers())) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return held
+
+
+def test_router_lists_workers_only_to_key_holders_when_it_has_keys(cluster, tmp_path):
+    redis_server, _, _ = cluster
+    guarded = RouterProcess(tmp_path, redis_server.url, api_keys="router-key")
+    try:
+        guarded.wait_healthy()
+        assert http_get(guarded.http + "/workers")[0] == 401
+        assert http_get(guarded.http + "/workers?api_key=router-key")[0] == 200
+        request = urllib.request.Request(guarded.http + "/workers", headers={"Authorization": "Bearer router-key"})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            assert {w["worker_id"] for w in json.loads(r.read())} == {"w1", "w2"}
+        assert http_get(guarded.http + "/health")[0] == 200  # probes need no key
+    finally:
+        guarded.stop()
+    assert "Traceback" not in guarded.log()
+
+
 async def test_worker_death_reports_worker_lost_and_new_sessions_avoid_it(cluster, speech):
     """Runs last in the module: it kills a worker."""
     _, workers, router = cluster
@@ -256,3 +306,4 @@ async def test_worker_death_reports_worker_lost_and_new_sessions_avoid_it(cluste
     assert victim.worker_id not in {w["worker_id"] for w in router.workers()}
     print(f"\nworker_lost reached the client {lost_after:.2f} s after SIGKILL; "
           f"the worker left /workers after {gone_after:.2f} s (TTL {3 * HEARTBEAT_S} s)")
+
