@@ -2,11 +2,22 @@
 
 Model inference never runs on the asyncio event loop. Each loaded ASR model has
 one :class:`InferenceQueue` with as many threads as the model can run at once;
-every session of every engine using that model submits to it. Jobs are served
-by priority (finals, then speculative finals, then partials), then in
-submission order. A job whose ``stale()`` answers True when its turn comes is
-skipped (its future is cancelled), so partials that nobody needs any more cost
-nothing; under overload partials wait behind every final and so slow down first.
+every session of every engine using that model submits to it.
+
+Order of service:
+
+1. By priority: finals, then speculative finals, then partials. A job whose
+   ``stale()`` answers True when its turn comes is skipped (its future is
+   cancelled), so partials that nobody needs any more cost nothing; under
+   overload partials wait behind every final and so slow down first.
+2. Jobs marked ``bulk`` (a session sending audio faster than real time: an upload)
+   come after every job of every real-time session, finals of uploads included:
+   uploads get the capacity real-time sessions leave free.
+3. Within one priority, fairly between sessions: the session (``owner``) that has
+   used the least decoder time so far goes first ("least attained service"); a
+   session that was idle rejoins at the lowest usage of those waiting, so idling
+   banks no credit. Then in submission order. Before this, one session's flush
+   storm (645 queued decodes) made an ordinary session's finals 16-31 s late.
 """
 
 from __future__ import annotations
@@ -14,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Hashable
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +37,7 @@ FINAL = 0
 SPECULATIVE = 1
 PARTIAL = 2
 KIND_NAMES = {FINAL: "final", SPECULATIVE: "speculative", PARTIAL: "partial"}
+_LEVELS = 2 * len(KIND_NAMES)  # each kind for real-time sessions, then each kind for bulk ones
 
 
 @dataclass
@@ -44,42 +56,55 @@ class JobUsage:
         self.completed += 1
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Job:
     priority: int
     seq: int
-    fn: Callable[[], Any] = field(compare=False)
-    loop: asyncio.AbstractEventLoop = field(compare=False)
-    future: asyncio.Future = field(compare=False)
-    submitted: float = field(compare=False, default=0.0)
-    stale: Callable[[], bool] | None = field(compare=False, default=None)
-    started: bool = field(compare=False, default=False)
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    submitted: float = 0.0
+    stale: Callable[[], bool] | None = None
+    started: bool = False
+    owner: Hashable = None
+    bulk: bool = False
+
+    @property
+    def level(self) -> int:
+        return self.priority + (len(KIND_NAMES) if self.bulk else 0)
 
 
 class InferenceQueue:
-    """A priority queue of blocking calls run by ``threads`` daemon threads."""
+    """Prioritized, per-session fair queue of blocking calls run by ``threads`` daemon threads."""
 
     def __init__(self, name: str, threads: int = 1):
         self.name = name
         self.threads = max(1, threads)
-        self._queue: queue.PriorityQueue[_Job | tuple] = queue.PriorityQueue()
+        self._cv = threading.Condition()
+        self._levels: list[dict[Hashable, deque[_Job]]] = [{} for _ in range(_LEVELS)]
+        self._served: dict[Hashable, float] = {}  # decoder seconds of owners with jobs waiting or running
+        self._holding: dict[Hashable, int] = {}  # owner -> jobs waiting or running
         self._seq = itertools.count()
         self._workers: list[threading.Thread] = []
+        self._stopping = False
         self.busy = 0
-        self._waiting = {p: 0 for p in KIND_NAMES}
-        self._count_lock = threading.Lock()
+        self._waiting = {p: 0 for p in KIND_NAMES}  # real-time jobs waiting, per kind
+        self._waiting_bulk = 0
+        self._count_lock = self._cv  # one lock guards the queue and its counters
         self.usage = {p: JobUsage() for p in KIND_NAMES}
         """Per priority: seconds the threads spent running its jobs; jobs run, skipped and withdrawn."""
 
     def start(self) -> None:
+        self._stopping = False
         for i in range(self.threads):
             t = threading.Thread(target=self._work, name=f"infer-{self.name}-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
     def stop(self) -> None:
-        for _ in self._workers:
-            self._queue.put((float("inf"), next(self._seq)))  # sentinel sorts last
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         for t in self._workers:
             t.join(timeout=5)
         self._workers.clear()
@@ -87,53 +112,98 @@ class InferenceQueue:
     @property
     def completed(self) -> int:
         """Jobs run, of every priority."""
-        with self._count_lock:
+        with self._cv:
             return sum(u.completed for u in self.usage.values())
 
     @property
     def skipped(self) -> int:
         """Jobs skipped as stale, of every priority."""
-        with self._count_lock:
+        with self._cv:
             return sum(u.skipped for u in self.usage.values())
 
     @property
     def depth(self) -> int:
-        """Jobs waiting (not yet running)."""
-        return self._queue.qsize()
+        """Jobs waiting (not yet running), bulk ones included."""
+        with self._cv:
+            return sum(self._waiting.values()) + self._waiting_bulk
 
-    def submit(self, fn: Callable[[], Any], priority: int = FINAL,
-               stale: Callable[[], bool] | None = None) -> "Ticket":
-        """Queue ``fn``; the ticket's future resolves with its result (call from the event loop)."""
+    def submit(self, fn: Callable[[], Any], priority: int = FINAL, stale: Callable[[], bool] | None = None,
+               owner: Hashable = None, bulk: bool = False) -> "Ticket":
+        """Queue ``fn``; the ticket's future resolves with its result (call from the event loop).
+
+        Args:
+            priority: ``FINAL``, ``SPECULATIVE`` or ``PARTIAL``.
+            stale: asked when the job's turn comes; True skips it.
+            owner: the session the job is for; sessions share the queue fairly.
+            bulk: the session sends faster than real time; served after real-time sessions.
+        """
         loop = asyncio.get_running_loop()
-        job = _Job(priority, next(self._seq), fn, loop, loop.create_future(), time.monotonic(), stale)
-        with self._count_lock:
-            self._waiting[priority] += 1
-        self._queue.put(job)
+        job = _Job(priority, next(self._seq), fn, loop, loop.create_future(), time.monotonic(), stale,
+                   owner=owner, bulk=bulk)
+        with self._cv:
+            if owner not in self._served:
+                self._served[owner] = min(self._served.values(), default=0.0)
+            self._holding[owner] = self._holding.get(owner, 0) + 1
+            self._levels[job.level].setdefault(owner, deque()).append(job)
+            if bulk:
+                self._waiting_bulk += 1
+            else:
+                self._waiting[priority] += 1
+            self._cv.notify()
         return Ticket(job)
 
     def waiting(self, up_to_priority: int) -> int:
-        """Jobs waiting whose priority is ``up_to_priority`` or more urgent."""
-        with self._count_lock:
+        """Real-time sessions' jobs waiting whose priority is ``up_to_priority`` or more urgent."""
+        with self._cv:
             return sum(n for p, n in self._waiting.items() if p <= up_to_priority)
+
+    def _take(self) -> _Job | None:
+        """The next job by priority, then least-served owner, then age (caller holds the lock)."""
+        for level in self._levels:
+            if level:
+                owner = min(level, key=lambda o: (self._served[o], level[o][0].seq))
+                jobs = level[owner]
+                job = jobs.popleft()
+                if not jobs:
+                    del level[owner]
+                if job.bulk:
+                    self._waiting_bulk -= 1
+                else:
+                    self._waiting[job.priority] -= 1
+                return job
+        return None
+
+    def _release(self, job: _Job, spent: float) -> None:
+        """A job is done (run, skipped or withdrawn): charge its owner (caller holds the lock)."""
+        left = self._holding[job.owner] - 1
+        if left:
+            self._holding[job.owner] = left
+            self._served[job.owner] += spent
+        else:  # nothing waiting or running: the owner rejoins at the current lowest usage
+            del self._holding[job.owner]
+            del self._served[job.owner]
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if not isinstance(job, _Job):
-                return
-            with self._count_lock:
-                self._waiting[job.priority] -= 1
-            if job.future.cancelled():
-                with self._count_lock:
+            with self._cv:
+                job = self._take()
+                while job is None:
+                    if self._stopping:
+                        return
+                    self._cv.wait()
+                    job = self._take()
+                if job.future.cancelled():
                     self.usage[job.priority].withdrawn += 1
-                continue
+                    self._release(job, 0.0)
+                    continue
             if job.stale is not None and job.stale():
                 job.loop.call_soon_threadsafe(job.future.cancel)
-                with self._count_lock:
+                with self._cv:
                     self.usage[job.priority].skipped += 1
+                    self._release(job, 0.0)
                 continue
             job.started = True
-            with self._count_lock:
+            with self._cv:
                 self.busy += 1
             t0 = time.perf_counter()
             try:
@@ -142,9 +212,10 @@ class InferenceQueue:
                 result, error = None, exc
             finally:
                 spent = time.perf_counter() - t0
-                with self._count_lock:  # two threads may finish at once
+                with self._cv:  # two threads may finish at once
                     self.busy -= 1
                     self.usage[job.priority].add(spent)
+                    self._release(job, spent)
             try:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             except RuntimeError:
@@ -202,7 +273,8 @@ class Scheduler:
         for q in self.queues.values():
             with q._count_lock:
                 counts = dict(q._waiting)
-            out.update({(q.name, KIND_NAMES[p]): n for p, n in counts.items()})
+                counts[-1] = q._waiting_bulk
+            out.update({(q.name, KIND_NAMES.get(p, "bulk")): n for p, n in counts.items()})
         return out
 
     def usage(self) -> dict[tuple[str, str], JobUsage]:

@@ -12,8 +12,10 @@ import logging
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from host.contracts import Segment, Word
+from host.frontdoor import close_now
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,13 @@ class Sender:
         """Send ``message``; False (and nothing raised) when the client is gone."""
         if self.gone:
             return False
+        if self.ws.state is not State.OPEN:
+            # The client has closed (or we have). websockets would make this send wait up to the
+            # close timeout for the TCP connection to end, which it cannot while the socket's reading
+            # is paused behind the messages this session has yet to read: a 10 s stall that held the
+            # slot. The session reads on and finalizes; nothing more is sent.
+            self.gone = True
+            return False
         try:
             try:
                 await self.ws.send(json.dumps(message, ensure_ascii=False))
@@ -112,9 +121,13 @@ class Sender:
         self.sent[kind] = self.sent.get(kind, 0) + 1
         return True
 
-    async def close(self, code: int, reason: str = "") -> None:
-        try:
-            await self.ws.close(code, reason)
-        except ConnectionClosed:
-            pass
+    async def close(self, code: int, reason: str = "", linger: bool = True) -> None:
+        """Close the connection; ``linger=False`` does not wait for the peer's close frame."""
+        if linger:
+            try:
+                await self.ws.close(code, reason)
+            except ConnectionClosed:
+                pass
+        else:
+            await close_now(self.ws, code, reason)
         self.gone = True

@@ -62,10 +62,15 @@ class SessionServices:
     max_session_s: float = 0.0
     """A session open this long is ended (0: no limit)."""
     max_control_per_s: float = 0.0
+    max_pending_finals: int = 4
+    """Final decodes one session may have queued or running; past this its messages wait (backpressure).
+    Real-time speech rarely has two; a flush storm without it queued 645 and starved every other session."""
     """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
     recorder: Callable[[str], SessionRecorder] | None = None
     """Makes the recorder of a session id; None: recording is off."""
     on_started: Callable[[SessionInfo], None] = lambda info: None
+    on_released: Callable[["Session"], None] = lambda session: None
+    """The session gives back its capacity slot: its client is gone, or has session.end."""
     on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
 
 
@@ -110,6 +115,10 @@ class Session:
         self._speculative: _Speculation | None = None
         self._previous_end = -1  # end sample of the last utterance
         self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
+        self._pending: dict[int, Ticket] = {}  # utterance id -> its final's decode, until it settles
+        self._settled = asyncio.Event()  # set whenever a final's decode settles
+        self._held_back = False  # waiting for room in the final queue (backpressure): not idle
+        self._abandoned = False  # the lag budget ran out after `end`: queued finals were withdrawn
         self._lag_warned: set[int] = set()
         self._next_utterance = 0
         self._finished = False
@@ -139,7 +148,10 @@ class Session:
                 self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
                 await self._report("internal_error", "internal error; the session is ending", recoverable=False)
         finally:
-            # Disconnect without `end`: still finalize and record what was said.
+            if not self._finished:
+                # The client went away without `end`: nobody waits for this session's finals, so
+                # its slot is free now; finalizing (and recording) what was said goes on after.
+                self.services.on_released(self)
             await self.finish(1000 if self._status == "completed" else 1011)
             watchdog.cancel()
             record = self.record()
@@ -150,16 +162,17 @@ class Session:
         """End the session from the server side: finalize, send session.end, close."""
         await self.finish(code, reason)
 
-    async def finish(self, code: int = 1000, reason: str = "") -> None:
+    async def finish(self, code: int = 1000, reason: str = "", linger: bool = True) -> None:
         """Finalize open speech, wait for every final, send session.end and close.
 
-        Idempotent: later and concurrent callers wait for the first one's work, which
-        cancelling a waiter does not interrupt."""
+        ``linger=False`` drops the TCP connection right after the close frame instead of waiting
+        for the peer's reply (a peer presumed gone). Idempotent: later and concurrent callers wait
+        for the first one's work, which cancelling a waiter does not interrupt."""
         if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._finish(code, reason))
+            self._finishing = asyncio.ensure_future(self._finish(code, reason, linger))
         await asyncio.shield(self._finishing)
 
-    async def _finish(self, code: int, reason: str) -> None:
+    async def _finish(self, code: int, reason: str, linger: bool) -> None:
         async with self._lock:
             if self._finished:
                 return
@@ -180,7 +193,10 @@ class Session:
             if uris is not None:
                 end["audio_uri"], end["transcript_uri"] = uris
         await self.out.send(end)
-        await self.out.close(code, reason)
+        self.services.on_released(self)  # the close handshake holds no capacity
+        if self._abandoned:  # the lag budget ran out while finishing: closed like a lag cut
+            code, reason = 1013, "Processing lag"
+        await self.out.close(code, reason, linger=linger)
 
     def _recorded_transcript(self) -> dict[str, Any]:
         """The transcript JSON of a recording: session.end with words, plus config and timings."""
@@ -219,17 +235,22 @@ class Session:
         except InvalidAudio as exc:
             await self._report("invalid_audio", f"{exc}; frame dropped", recoverable=True)
             return
+        await self._room_for_finals()
         async with self._lock:
             if not self._finished:
                 await self._process(samples)
         await self._check_lag()
 
     async def _watch(self, every_s: float = 0.25) -> None:
-        """Check limits between frames too: a client may stop sending while finals fall behind."""
-        while not self._finished:
+        """Check limits between frames too: a client may stop sending while finals fall behind,
+        and after `end` while the last finals are decoded (the lag budget holds until session.end)."""
+        while not self._finished or self._awaiting:
             await asyncio.sleep(every_s)
-            await self._check_lag()
-            await self._check_time_limits()
+            if self._finished:
+                await self._check_lag_after_end()
+            else:
+                await self._check_lag()
+                await self._check_time_limits()
 
     async def _check_time_limits(self) -> None:
         now, s = time.monotonic(), self.services
@@ -237,11 +258,11 @@ class Session:
             return
         # A compat dialect's connection also counts vendor messages that map to no native one.
         last = max(self._last_message, getattr(self._ws, "last_activity", 0.0))
-        if s.idle_timeout_s and now - last >= s.idle_timeout_s:
+        if s.idle_timeout_s and now - last >= s.idle_timeout_s and not self._held_back:
             self._status, self._error = "error", "idle_timeout"
             await self._report("idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
                                recoverable=False)
-            await self.finish(1008, "Idle timeout")
+            await self.finish(1008, "Idle timeout", linger=False)
         elif s.max_session_s and now - self._opened >= s.max_session_s:
             self._status, self._error = "error", "max_duration"
             await self._report("max_duration", f"the session reached the {s.max_session_s:g} s limit; ending it",
@@ -264,6 +285,42 @@ class Session:
             self._lag_warned.add(uid)
             await self.out.send(msg.warning("processing_lag", f"the final of utterance {uid} is "
                                             f"{lag:.1f} s late", lag_s=round(lag, 2)))
+
+    async def _check_lag_after_end(self) -> None:
+        """After `end` the session is finishing; past the lag limit its queued finals are withdrawn
+        (those already decoding still arrive), so a session that has left cannot keep the decoders."""
+        if self._abandoned or not self._awaiting:
+            return
+        lag = time.monotonic() - min(self._awaiting.values())
+        if lag < self.services.lag_limit_s:
+            return
+        self._abandoned = True
+        withdrawn = sorted(uid for uid, ticket in self._pending.items() if ticket.cancel())
+        self._status, self._error = "error", f"processing_lag {lag:.1f} s"
+        await self._report("processing_lag", f"transcription is {lag:.1f} s behind the audio (limit "
+                           f"{self.services.lag_limit_s:g} s) after end; {len(withdrawn)} queued utterance(s) "
+                           f"withdrawn: {withdrawn[:20]}", recoverable=False)
+
+    async def _room_for_finals(self) -> None:
+        """Backpressure: while this session has ``max_pending_finals`` final decodes unsettled, stop reading
+        its messages (TCP then slows the client) instead of queueing more decodes. A flush storm or a
+        fast upload so holds at most that many jobs in the shared queue."""
+        limit = max(1, self.services.max_pending_finals)
+        if len(self._pending) < limit:
+            return
+        self._held_back = True
+        try:
+            while len(self._pending) >= limit and not self._finished:
+                self._settled.clear()
+                await self._settled.wait()
+        finally:
+            self._held_back = False
+            self._last_message = time.monotonic()
+
+    def _bulk(self) -> bool:
+        """Whether the client sends audio faster than real time (an upload): its decodes then use
+        the capacity real-time sessions leave free."""
+        return self.buffer.end / SAMPLE_RATE - (time.monotonic() - self._opened) > BULK_AHEAD_S
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -306,6 +363,7 @@ class Session:
             await self._report("invalid_config", str(exc), recoverable=True)
 
     async def _on_flush(self, message: dict) -> None:
+        await self._room_for_finals()
         async with self._lock:
             if self._finished:
                 return
@@ -388,7 +446,8 @@ class Session:
         if self.queue.waiting(SPECULATIVE):
             return  # finals are queued: a guess that speech may resume would only delay them
         words = self._wants_words(start)
-        ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), SPECULATIVE)
+        ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), SPECULATIVE,
+                                   owner=self.id, bulk=self._bulk())
         self._speculative = _Speculation(uid, end, words, ticket)
 
     def _drop_speculative(self) -> None:
@@ -410,13 +469,24 @@ class Session:
             outcome = "withdrawn" if withdrawn else "used" if ticket is not None else "wasted"
             self.services.metrics.speculative.labels(outcome).inc()
         if ticket is None:
-            ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), FINAL)
+            ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), FINAL,
+                                       owner=self.id, bulk=self._bulk())
         self._awaiting[utterance.id] = time.monotonic()
+        self._pending[utterance.id] = ticket
+        ticket.future.add_done_callback(lambda _: self._final_settled(utterance.id))
         self._chain(self._deliver_final(utterance, ticket.future))
+
+    def _final_settled(self, uid: int) -> None:
+        self._pending.pop(uid, None)
+        self._settled.set()
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:
             result = await future
+        except asyncio.CancelledError:
+            if not (self._abandoned and future.cancelled()):
+                raise
+            return  # withdrawn by the lag budget after `end` (reported once, with the ids)
         except Exception as exc:  # noqa: BLE001 - one failed utterance must not end the session
             log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
             await self._report("internal_error", f"transcription of utterance {utterance.id} failed: "
@@ -446,7 +516,7 @@ class Session:
         self._partial_from = pos
         ticket = self.queue.submit(
             self._transcribe_job(self.buffer.slice(start, pos), partial_=True), PARTIAL,
-            stale=lambda: self._utterance is None or self._utterance[0] != uid,
+            stale=lambda: self._utterance is None or self._utterance[0] != uid, owner=self.id, bulk=self._bulk(),
         )
         self._partial = (uid, ticket)
         asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
@@ -490,6 +560,10 @@ class Session:
         log.info("session %s: %s (%s)", self.id, code, message)
         await self.out.send(msg.error(code, message, recoverable))
 
+
+BULK_AHEAD_S = 2.0
+"""Audio this far ahead of the session's wall-clock age marks an upload: its decodes are served after
+every real-time session's (12 uploads at 100x made a real-time session's finals 5-9 s late)."""
 
 MAX_JSON_DEPTH = 64
 """Control messages are flat; deeper JSON is refused before parsing, so the answer does not depend

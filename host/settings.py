@@ -30,6 +30,8 @@ class Settings:
     partial_interval_s: float = 0.5
     lag_warning_s: float = 3.0
     lag_limit_s: float = 15.0
+    max_pending_finals: int = 4
+    """Final decodes one session may have queued or running; past this its messages wait (backpressure)."""
     memory_trim_s: float = 30.0
     """Seconds between returns of freed C-heap memory to the OS (0: never)."""
     vad_threads: int = 0
@@ -84,6 +86,8 @@ ENV = {
     "partial_interval_s": ("PARTIAL_INTERVAL_S", "seconds of new speech between two transcript.partial decodes"),
     "lag_warning_s": ("LAG_WARNING_S", "a final this late after its endpoint sends warning processing_lag"),
     "lag_limit_s": ("LAG_LIMIT_S", "a final this late ends the session with error processing_lag"),
+    "max_pending_finals": ("MAX_PENDING_FINALS",
+                           "final decodes one session may have queued or running; more wait (backpressure)"),
     "memory_trim_s": ("MEMORY_TRIM_S", "seconds between returning freed heap memory to the OS (0: never)"),
     "vad_threads": ("VAD_THREADS", "threads for VAD work (0: one per CPU core)"),
     "vad_batch_interval_ms": ("VAD_BATCH_INTERVAL_MS",

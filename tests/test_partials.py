@@ -101,7 +101,8 @@ def test_queue_serves_finals_first_then_in_order_and_skips_stale():
 
 @pytest.fixture(scope="module")
 def laggy_worker(tmp_path_factory):
-    w = WorkerProcess(tmp_path_factory.mktemp("laggy"), lag_warning_s=0.0, lag_limit_s=0.3)
+    # No backpressure to speak of, so that a fast upload can queue finals far ahead of the decoder.
+    w = WorkerProcess(tmp_path_factory.mktemp("laggy"), lag_warning_s=0.0, lag_limit_s=0.3, max_pending_finals=64)
     w.wait_healthy()
     yield w
     w.stop()
