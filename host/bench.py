@@ -46,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from host import adversary
 from host.client import Audio, concat, read_wav, session_url, silence, stream
 from host.endpointing import EndpointingOptions
 from host.wer import WerCounts, word_errors
@@ -252,9 +253,15 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     # Users do not all start talking on the same 50 ms: offsets spread the streams (golden-ratio
     # spacing over --stagger seconds), or endpoints of rotated copies would coincide.
     offsets = [((k * 0.6180339887) % 1.0) * args.stagger for k in range(n)]
-    results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress, off)
-                                     for s, off in zip(per_stream, offsets)))
+    stop = asyncio.Event()
+    hostile = start_adversaries(url, items, args, stop)
+    try:
+        results = await asyncio.gather(*(run_stream(surl, s, args, endpointing, progress, off)
+                                         for s, off in zip(per_stream, offsets)))
+    finally:
+        stop.set()
     wall = time.monotonic() - t0
+    adversaries = await hostile
     client_cpu = round((time.process_time() - client_t0) / wall * 100, 1) if wall > 0 else None
     progress.sent = progress.total
     progress.draw()
@@ -286,7 +293,25 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
         "lag_events": lag,
         "errors": errors,
         "realtime": bool(finals) and p95 is not None and p95 <= args.max_p95 and lag == 0 and not errors,
+        **adversaries,
     }
+
+
+def start_adversaries(url: str, items: list[Item], args, stop: asyncio.Event) -> asyncio.Task:
+    """``--flood`` flush storms and ``--uploads`` clients that upload the manifest's audio again and
+    again, beside the measured streams until ``stop``; the task's result sums up what they got."""
+    storms = [adversary.flush_storm(session_url(url, enable_vad=False), stop) for _ in range(args.flood)]
+    recording = concat(*[part for it in items for part in (it.audio, silence(0.5))])
+    uploads = [adversary.upload_loop(session_url(url, interim_results=False), recording, stop)
+               for _ in range(args.uploads)]
+
+    async def run() -> dict[str, Any]:
+        if not storms and not uploads:
+            return {}
+        storm_reports = await asyncio.gather(*storms)
+        return adversary.summary(list(storm_reports), list(await asyncio.gather(*uploads)))
+
+    return asyncio.create_task(run())
 
 
 def offline_wer(items: list[Item], engine: dict[str, Any], model: str | None, engines_dir: Path | None) -> dict:
@@ -414,3 +439,7 @@ def add_arguments(p) -> None:
     p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                    help="also score offline faster-whisper on the same utterances and model")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--flood", type=int, default=0,
+                   help="flush-storm sessions (32 ms + flush, 45/s) running beside the measured streams")
+    p.add_argument("--uploads", type=int, default=0,
+                   help="sessions uploading the manifest's audio as fast as possible beside the measured streams")
