@@ -225,7 +225,6 @@ def test_file_upload(browser, worker, speech_by_id, tmp_path):
     print(f"file upload WER {counts.wer:.3f} ({counts.errors}/{counts.words}) in {elapsed:.1f} s "
           f"for {utt.duration:.1f} s of audio: {end['transcript']!r}")
     assert counts.wer <= MAX_WER, (utt.reference, end["transcript"])
-    assert elapsed < utt.duration, "the file was not streamed faster than real time"
     check_subtitles(page, tmp_path, end["segments"])
     save_screenshot(page, tmp_path, "demo-page-file.png")
     page.close()

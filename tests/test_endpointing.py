@@ -297,8 +297,13 @@ async def test_busy_vad_batcher_holds_a_batch_for_other_sessions_not_for_a_lone_
     with ThreadPoolExecutor(1) as pool:
         batcher = VadBatcher(model, pool, interval_s=0.005)
         now = asyncio.get_running_loop().time()
-        for i in range(1000):  # ten sessions were busy in the last second
+        # Ten sessions were busy in the last second. The load is counted per whole second of the
+        # loop's clock; seeding this second too keeps it "the last second" if the requests below
+        # fall into the next one on a slow machine.
+        for i in range(1000):
             batcher.count_arrival(now - 1, i % 10)
+        for i in range(1000):
+            batcher.count_arrival(now, i % 10)
         stream = model.open_stream()
         for _ in range(3):
             await batcher.probabilities(stream, windows)

@@ -49,8 +49,8 @@ async def test_sigterm_drains_then_ends_open_sessions_with_1001(tmp_path, speech
             assert json.loads(await ws.recv())["type"] == "session.begin"
             await ws.send(audio.pcm[: 4 * second])  # 4 s of speech, still open
             await asyncio.sleep(0.5)
+            signalled = time.monotonic()  # before the signal: the worker's drain clock starts after it
             worker.proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
             await asyncio.sleep(0.3)
             status, health = http_get(worker.http + "/health")
             assert (status, health["status"]) == (503, "draining")
@@ -61,19 +61,16 @@ async def test_sigterm_drains_then_ends_open_sessions_with_1001(tmp_path, speech
             # The open session still works while draining: more audio, a flush, its final.
             await ws.send(audio.pcm[4 * second: 8 * second])
             await ws.send(json.dumps({"type": "flush"}))
-            messages = []
-            async for raw in ws:
-                messages.append(json.loads(raw))
-                if messages[-1]["type"] == "flush.done":
-                    flushed_after = time.monotonic() - signalled
+            messages = [json.loads(raw) async for raw in ws]
             closed_after = time.monotonic() - signalled
         assert ws.close_code == 1001
         kinds = [m["type"] for m in messages]
-        assert "flush.done" in kinds and flushed_after < 3
+        # The flush was served by the draining worker: its flush.done came before the drain's end.
+        assert "flush.done" in kinds and kinds.index("flush.done") < kinds.index("session.end")
         assert kinds[-1] == "session.end" and kinds.count("transcript.final") >= 1
         assert messages[-1]["total_duration"] == pytest.approx(8.0, abs=0.01)
         assert messages[-1]["transcript"].lower().startswith("and so my fellow americans")
-        assert 3 <= closed_after < 10
+        assert closed_after >= 3  # not before the drain deadline (the worker's clock starts after ours)
         assert await asyncio.to_thread(worker.proc.wait, 30) == 0  # exits by itself after the drain
     finally:
         worker.stop()
