@@ -31,6 +31,8 @@ class StormReport:
     flush_done: int = 0
     errors: list[str] = field(default_factory=list)
     end: dict[str, Any] | None = None
+    close_code: int | None = None
+    """How the worker closed the session (1000 after ``end``; 1013 if it cut the storm)."""
 
 
 async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit: int = 100_000,
@@ -44,27 +46,31 @@ async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit:
             raise RuntimeError(f"the storm's session did not begin: {begin}")
 
         async def read() -> None:
-            async for raw in ws:
-                message = json.loads(raw)
-                kind = message["type"]
-                if kind == "flush.done":
-                    got.flush_done += 1
-                elif kind == "error":
-                    got.errors.append(message["code"])
-                elif kind == "session.end":
-                    got.end = message
+            try:
+                async for raw in ws:
+                    message = json.loads(raw)
+                    kind = message["type"]
+                    if kind == "flush.done":
+                        got.flush_done += 1
+                    elif kind == "error":
+                        got.errors.append(message["code"])
+                    elif kind == "session.end":
+                        got.end = message
+            except ConnectionClosed:
+                pass  # cut by the worker (or its keepalive): the close code says which
 
         reader = asyncio.create_task(read())
-        while not stop.is_set() and got.flushes < limit:
-            await ws.send(os.urandom(1024))  # 32 ms of 16 kHz noise: a decode of its own
-            await ws.send(json.dumps({"type": "flush"}))
-            got.flushes += 1
-            await asyncio.sleep(1 / per_s)
-        await ws.send(json.dumps({"type": "end"}))
         try:
-            await reader
+            while not stop.is_set() and got.flushes < limit and not reader.done():
+                await ws.send(os.urandom(1024))  # 32 ms of 16 kHz noise: a decode of its own
+                await ws.send(json.dumps({"type": "flush"}))
+                got.flushes += 1
+                await asyncio.sleep(1 / per_s)
+            await ws.send(json.dumps({"type": "end"}))
         except ConnectionClosed:
             pass
+        await reader
+        got.close_code = ws.close_code
     return got
 
 
@@ -101,6 +107,7 @@ def summary(storms: list[StormReport], uploads: list[UploadReport]) -> dict[str,
         "flushes": sum(s.flushes for s in storms),
         "flushes_answered": sum(s.flush_done for s in storms),
         "flood_errors": sorted({e for s in storms for e in s.errors}),
+        "flood_close_codes": sorted({s.close_code for s in storms if s.close_code is not None}),
         "upload_sessions": len(uploads),
         "uploads_completed": sum(u.ended for u in uploads),
         "uploaded_audio_seconds": round(sum(u.audio_seconds for u in uploads), 1),

@@ -18,6 +18,10 @@ Order of service:
    session that was idle rejoins at the lowest usage of those waiting, so idling
    banks no credit. Then in submission order. Before this, one session's flush
    storm (645 queued decodes) made an ordinary session's finals 16-31 s late.
+4. One session runs on at most half the threads (at least one) while another
+   session's job waits, of whatever priority: otherwise a storm of finals keeps
+   every thread and another session's partials never run. With nobody else
+   waiting, it may use them all.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ class InferenceQueue:
         self._levels: list[dict[Hashable, deque[_Job]]] = [{} for _ in range(_LEVELS)]
         self._served: dict[Hashable, float] = {}  # decoder seconds of owners with jobs waiting or running
         self._holding: dict[Hashable, int] = {}  # owner -> jobs waiting or running
+        self._running: dict[Hashable, int] = {}  # owner -> jobs taken by a thread and not yet done
+        self.per_owner = max(1, self.threads // 2)
+        """Threads one owner may hold while another owner's job waits."""
         self._seq = itertools.count()
         self._workers: list[threading.Thread] = []
         self._stopping = False
@@ -158,23 +165,34 @@ class InferenceQueue:
             return sum(n for p, n in self._waiting.items() if p <= up_to_priority)
 
     def _take(self) -> _Job | None:
-        """The next job by priority, then least-served owner, then age (caller holds the lock)."""
-        for level in self._levels:
-            if level:
-                owner = min(level, key=lambda o: (self._served[o], level[o][0].seq))
-                jobs = level[owner]
-                job = jobs.popleft()
-                if not jobs:
-                    del level[owner]
-                if job.bulk:
-                    self._waiting_bulk -= 1
-                else:
-                    self._waiting[job.priority] -= 1
-                return job
+        """The next job by priority, then least-served owner, then age, skipping owners that hold
+        their share of the threads while anyone else has a job (caller holds the lock)."""
+        for capped in (True, False):
+            for level in self._levels:
+                owners = [o for o in level if not capped or self._running.get(o, 0) < self.per_owner]
+                if owners:
+                    return self._pop(level, min(owners, key=lambda o: (self._served[o], level[o][0].seq)))
         return None
+
+    def _pop(self, level: dict[Hashable, deque[_Job]], owner: Hashable) -> _Job:
+        jobs = level[owner]
+        job = jobs.popleft()
+        if not jobs:
+            del level[owner]
+        if job.bulk:
+            self._waiting_bulk -= 1
+        else:
+            self._waiting[job.priority] -= 1
+        self._running[owner] = self._running.get(owner, 0) + 1
+        return job
 
     def _release(self, job: _Job, spent: float) -> None:
         """A job is done (run, skipped or withdrawn): charge its owner (caller holds the lock)."""
+        running = self._running[job.owner] - 1
+        if running:
+            self._running[job.owner] = running
+        else:
+            del self._running[job.owner]
         left = self._holding[job.owner] - 1
         if left:
             self._holding[job.owner] = left

@@ -268,3 +268,38 @@ async def test_uploads_use_the_capacity_real_time_sessions_leave(shielded, speec
     assert word_errors(utt.reference, ordinary.end["transcript"]).wer <= 0.3, ordinary.end["transcript"]
     for r in results:
         assert r.ended == 1 and r.finals >= 6 and r.errors == [], r
+
+
+def test_one_session_holds_at_most_half_the_threads_while_another_waits():
+    """Two threads, a storm of finals from one session and one partial from another: the partial
+    runs beside the storm's first final instead of after all of them."""
+
+    async def scenario() -> list[str]:
+        q = InferenceQueue("share", threads=2)
+        order: list[str] = []
+        lock = threading.Lock()
+        gate = threading.Event()
+
+        def job(name: str, wait: bool = False):
+            def run() -> None:
+                with lock:
+                    order.append(name)
+                if wait:
+                    gate.wait(5)
+            return run
+
+        jobs = [q.submit(job("storm0", wait=True), FINAL, owner="storm")]
+        jobs += [q.submit(job(f"storm{i}"), FINAL, owner="storm") for i in (1, 2)]
+        jobs.append(q.submit(job("partial"), PARTIAL, owner="ordinary"))
+        q.start()  # both threads start with everything queued
+        try:
+            while len(order) < 2:
+                await asyncio.sleep(0.01)
+            gate.set()
+            await asyncio.gather(*(j.future for j in jobs))
+            return order
+        finally:
+            q.stop()
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["storm0", "partial"], order
