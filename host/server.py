@@ -350,7 +350,10 @@ class Worker:
             self.metrics.refused.labels(self.status).inc()
             await close_now(ws, 1013, f"Server {self.status}")
             return
-        if len(self.admitted) + self._reserved >= self.settings.max_sessions:
+        # Sessions whose client left still finalize without a slot; past as many again as there
+        # are slots, new sessions wait too, so connect-and-drop churn cannot pile them up.
+        if (len(self.admitted) + self._reserved >= self.settings.max_sessions
+                or len(self.sessions) + self._reserved >= 2 * self.settings.max_sessions):
             self.metrics.refused.labels("capacity").inc()
             await close_now(ws, 1013, "Server at capacity")
             return

@@ -118,6 +118,7 @@ class Session:
         self._pending: dict[int, Ticket] = {}  # utterance id -> its final's decode, until it settles
         self._settled = asyncio.Event()  # set whenever a final's decode settles
         self._held_back = False  # waiting for room in the final queue (backpressure): not idle
+        self._client_gone = False  # disconnected without `end`: its last finals are for the record only
         self._abandoned = False  # the lag budget ran out after `end`: queued finals were withdrawn
         self._lag_warned: set[int] = set()
         self._next_utterance = 0
@@ -150,7 +151,9 @@ class Session:
         finally:
             if not self._finished:
                 # The client went away without `end`: nobody waits for this session's finals, so
-                # its slot is free now; finalizing (and recording) what was said goes on after.
+                # its slot is free now; finalizing (and recording) what was said goes on after,
+                # on the decoder time live sessions leave free.
+                self._client_gone = True
                 self.services.on_released(self)
             await self.finish(1000 if self._status == "completed" else 1011)
             watchdog.cancel()
@@ -318,9 +321,9 @@ class Session:
             self._last_message = time.monotonic()
 
     def _bulk(self) -> bool:
-        """Whether the client sends audio faster than real time (an upload): its decodes then use
-        the capacity real-time sessions leave free."""
-        return self.buffer.end / SAMPLE_RATE - (time.monotonic() - self._opened) > BULK_AHEAD_S
+        """Whether the client sends audio faster than real time (an upload), or has gone: its
+        decodes then use the capacity real-time sessions leave free."""
+        return self._client_gone or self.buffer.end / SAMPLE_RATE - (time.monotonic() - self._opened) > BULK_AHEAD_S
 
     async def _on_text(self, text: str) -> None:
         try:
