@@ -62,10 +62,10 @@ class SessionServices:
     max_session_s: float = 0.0
     """A session open this long is ended (0: no limit)."""
     max_control_per_s: float = 0.0
+    """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
     max_pending_finals: int = 4
     """Final decodes one session may have queued or running; past this its messages wait (backpressure).
     Real-time speech rarely has two; a flush storm without it queued 645 and starved every other session."""
-    """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
     recorder: Callable[[str], SessionRecorder] | None = None
     """Makes the recorder of a session id; None: recording is off."""
     on_started: Callable[[SessionInfo], None] = lambda info: None
