@@ -7,7 +7,8 @@ import soxr
 
 from host.contracts import SAMPLE_RATE
 
-ENCODINGS = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+from host.protocol import ENCODINGS  # noqa: F401 - the wire's list; audio decodes each
+
 """Supported encodings and their bytes per sample."""
 MIN_RATE, MAX_RATE = 8000, 48000
 

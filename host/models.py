@@ -46,10 +46,25 @@ class LoadedEngine:
         return self.spec.id
 
 
+@dataclass(frozen=True)
+class FailedEngine:
+    """An engine whose components failed to load: it is not served, and is reported."""
+
+    id: str
+    file: str
+    reason: str
+
+    def describe(self) -> dict[str, Any]:
+        """Its ``/engines`` entry (and ``/health`` ``failed_engines`` item)."""
+        return {"id": self.id, "file": self.file, "status": "failed", "reason": self.reason}
+
+
 @dataclass
 class ModelManager:
     plugins: PluginSet
     engines: dict[str, LoadedEngine] = field(default_factory=dict)
+    failed: dict[str, FailedEngine] = field(default_factory=dict)
+    """Engines whose models or components did not load (the others serve)."""
     _shared: dict[tuple, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -61,9 +76,18 @@ class ModelManager:
             return self._shared[key]
 
     async def load(self, specs: list[EngineSpec]) -> None:
-        """Load all engines, one after another, off the event loop."""
+        """Load all engines, one after another, off the event loop.
+
+        An engine that fails (a bad model path in a third party's engine.yaml) is logged and kept
+        in :attr:`failed`; the others serve. Raises :class:`ComponentError` when none loads."""
         for spec in specs:
-            self.engines[spec.id] = await asyncio.to_thread(self._build, spec)
+            try:
+                self.engines[spec.id] = await asyncio.to_thread(self._build, spec)
+            except ComponentError as exc:
+                log.error("engine %s is not served: %s", spec.id, exc)
+                self.failed[spec.id] = FailedEngine(spec.id, str(spec.file), str(exc))
+        if not self.engines:
+            raise ComponentError("no engine could be loaded: " + "; ".join(f.reason for f in self.failed.values()))
 
     async def reload(self, specs: list[EngineSpec], failed_files: set[Path]) -> dict[str, list[str]]:
         """Make ``specs`` the loaded engines, building only new or changed ones (off the loop).
@@ -83,11 +107,14 @@ class ModelManager:
             try:
                 new[spec.id] = await asyncio.to_thread(self._build, spec)
                 report["changed" if prev is not None else "added"].append(spec.id)
+                self.failed.pop(spec.id, None)
             except ComponentError as exc:
                 log.error("%s", exc)
                 report["failed"].append(spec.id)
                 if prev is not None:
                     new[spec.id] = prev
+                else:
+                    self.failed[spec.id] = FailedEngine(spec.id, str(spec.file), str(exc))
         for engine_id, prev in old.items():
             if engine_id in new:
                 continue
@@ -96,6 +123,8 @@ class ModelManager:
                 report["kept"].append(engine_id)
             else:
                 report["removed"].append(engine_id)
+        listed = {spec.id for spec in specs}
+        self.failed = {k: v for k, v in self.failed.items() if k in listed and k not in new}
         # File order, as at start-up: the first engine is the default one and must not move.
         self.engines = dict(sorted(new.items(), key=lambda item: Path(item[1].spec.file).name))
         self._prune_shared()

@@ -31,7 +31,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from host import __version__
-from host import sender as msg
+from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
 from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
@@ -42,12 +42,11 @@ from host.frontdoor import (
     serve_options, static_response, unauthorized,
 )
 from host.static import load_static
-from host.session_config import ConfigError
+from host.protocol import ENCODINGS, ConfigError, ErrorCode
+from host.sender import send_message
 from host.settings import RouterSettings
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
 
 load_dialects()  # the router speaks the vendors' protocols itself (it used to get them by importing host.server)
 
@@ -175,7 +174,7 @@ class RoutedSession:
             if exc.rcvd is None and exc.sent is not None:
                 return False  # we closed it because the client left
         if self.ended or self.client.state.name != "OPEN":
-            code = 1001 if self.stopping else (self.upstream.close_code or 1000)
+            code = msg.CloseCode.GOING_AWAY if self.stopping else (self.upstream.close_code or msg.CloseCode.NORMAL_CLOSURE)
             await self.client.close(code, self.upstream.close_reason or "")
             return False
         await self._report_lost()
@@ -196,25 +195,18 @@ class RoutedSession:
         """The worker vanished before session.end: tell the client and hand it what it already has."""
         config = self.begin.get("config", {})
         rate = (config.get("sample_rate") or 16000) * (config.get("channels") or 1)
-        duration = self.bytes_in / (rate * BYTES_PER_SAMPLE.get(config.get("encoding"), 2))
+        duration = self.bytes_in / (rate * ENCODINGS.get(config.get("encoding"), 2))
         segments = [{"id": f.get("segment_id"), "start": f.get("start"), "end": f.get("end"), "text": f.get("text"),
                      "confidence": f.get("confidence"), **({"words": f["words"]} if "words" in f else {})}
                     for f in self.finals]
+        speech = sum(s["end"] - s["start"] for s in segments if s["end"] is not None and s["start"] is not None)
         try:
             await self.client.send(json.dumps(msg.error(
-                "worker_lost", f"worker {self.worker.info.worker_id} went away mid-session; "
+                ErrorCode.WORKER_LOST, f"worker {self.worker.info.worker_id} went away mid-session; "
                 "the finals sent so far are kept in session.end", recoverable=False)))
-            await self.client.send(json.dumps({
-                "type": "session.end",
-                "session_id": self.begin.get("session_id"),
-                "total_duration": round(duration, 3),
-                "total_speech_duration": round(sum(s["end"] - s["start"] for s in segments
-                                                   if s["end"] is not None and s["start"] is not None), 3),
-                "transcript": " ".join(s["text"] or "" for s in segments),
-                "segments": segments,
-                "incomplete": True,
-            }))
-            await self.client.close(1011, "Worker lost")
+            await self.client.send(json.dumps(msg.session_end_of(
+                self.begin.get("session_id"), duration, speech, segments, incomplete=True)))
+            await self.client.close(*msg.WORKER_LOST)
         except ConnectionClosed:
             pass
 
@@ -338,14 +330,14 @@ class Router:
         if url.path == "/health":
             _, body = await self.health()
             await ws.send(json.dumps(body))
-            await ws.close(1000)
+            await ws.close(*msg.NORMAL)
             return
         dialect = DIALECTS.get(url.path)
         if url.path not in SESSION_PATHS and dialect is None:
-            await close_now(ws, 1008, "Invalid path")
+            await close_now(ws, *msg.INVALID_PATH)
             return
         if self._closing:
-            await close_now(ws, 1013, "Router draining")
+            await close_now(ws, *msg.ROUTER_DRAINING)
             return
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         client, target = ws, (url.path, url.query)
@@ -356,7 +348,7 @@ class Router:
             try:
                 native = await client.open(query)
             except ConfigError as exc:
-                await _refuse_config(client, str(exc))
+                await _refuse_config(client, exc)
                 return
             if native is None:
                 return  # the client left before its audio showed the format
@@ -370,7 +362,7 @@ class Router:
             workers = await self.directory.workers()
         except Exception as exc:  # noqa: BLE001
             log.warning("registry unavailable: %s: %s", type(exc).__name__, exc)
-            await close_now(ws, 1013, "Registry unavailable")
+            await close_now(ws, *msg.REGISTRY_UNAVAILABLE)
             return
         attempts = 0
         for worker in rank(workers, wanted, self.suspects):
@@ -387,7 +379,7 @@ class Router:
                 # Every way out of an attempt gives the slot back, a failure of ours included:
                 # a leaked lease keeps a worker "full" for ROUTER_LEASE_TTL_S.
                 await self._release(worker, lease)
-        await close_now(ws, 1013, "No worker available" if workers else "No worker registered")
+        await close_now(ws, *(msg.NO_WORKER if workers else msg.NO_WORKER_REGISTERED))
 
     async def _attempt(self, client, worker: WorkerRecord, lease: str, target: tuple[str, str],
                        headers: list[tuple[str, str]]) -> bool:
@@ -434,7 +426,7 @@ class Router:
                                      max_size=None, compression=None, close_timeout=5)
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
-                await close_now(ws, 1008, "Unauthorized")
+                await close_now(ws, *msg.UNAUTHORIZED)
                 return None, {}
             raise
         began = False
@@ -451,7 +443,7 @@ class Router:
             first = await asyncio.wait_for(upstream.recv(), timeout)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else 1006
-            if code == 1013:
+            if code == msg.CloseCode.TRY_AGAIN_LATER:
                 raise Refused(exc.rcvd.reason if exc.rcvd else "") from None
             raise OSError(f"worker closed {code} before session.begin") from None
         data = json.loads(first) if isinstance(first, str) else {}
@@ -465,7 +457,7 @@ class Router:
         except ConnectionClosed:
             if ws.state.name != "OPEN":
                 raise  # the client went away (not the worker)
-        await close_now(ws, upstream.close_code or 1008, upstream.close_reason or "")
+        await close_now(ws, upstream.close_code or msg.CloseCode.POLICY_VIOLATION, upstream.close_reason or "")
         return None, {}
 
     async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
@@ -514,12 +506,12 @@ def forwarded_headers(ws) -> list[tuple[str, str]]:
     return headers
 
 
-async def _refuse_config(client, message: str) -> None:
+async def _refuse_config(client, exc: ConfigError) -> None:
     try:
-        await client.send(json.dumps(msg.error("invalid_config", message, recoverable=False)))
+        await send_message(client, msg.error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False, param=exc.param))
     except ConnectionClosed:
         return
-    await close_now(client, 1008, "Invalid config")
+    await close_now(client, *msg.INVALID_CONFIG)
 
 
 async def run_router(settings: RouterSettings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Router:

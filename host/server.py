@@ -23,7 +23,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from host import __version__
-from host import sender as msg
+from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
 from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
@@ -39,7 +39,9 @@ from host.plugins import PluginSet, load_plugins
 from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
 from host.scheduler import Scheduler
 from host.session import Session, SessionServices
-from host.session_config import ConfigError, parse_session_config, pick_engine
+from host.sender import send_message
+from host.protocol import ConfigError, ErrorCode
+from host.session_config import parse_session_config, pick_engine
 from host.settings import Settings
 from host.static import load_static
 from host.vad import VadBatcher
@@ -175,7 +177,7 @@ class Worker:
             await self._wait_sessions_done(self.settings.drain_timeout_s, force)
         if self._server is not None:
             self._server.close(close_connections=False)
-        await asyncio.gather(*(s.stop(1001) for s in list(self.sessions)), return_exceptions=True)
+        await asyncio.gather(*(s.stop(msg.SHUTTING_DOWN) for s in list(self.sessions)), return_exceptions=True)
         self._stop.set()
         if self._reloader is not None:
             self._reloader.cancel()
@@ -301,6 +303,8 @@ class Worker:
             "uptime_s": round(time.time() - self.started_at, 1),
             "memory": self.models.memory(),
         }
+        if self.models.failed:
+            body["failed_engines"] = [f.describe() for f in self.models.failed.values()]
         return (200 if self.status == READY else 503), body
 
     # --- HTTP -----------------------------------------------------------------
@@ -328,7 +332,8 @@ class Worker:
             status, body = self.health()
             return json_response(status, body)
         if path == "/engines":
-            return json_response(200, [e.spec.describe() for e in self.models.engines.values()])
+            return json_response(200, [e.spec.describe() for e in self.models.engines.values()]
+                                 + [f.describe() for f in self.models.failed.values()])
         if path in self.static:
             return static_response(*self.static[path])
         return json_response(404, {"error": "not found", "path": path})
@@ -340,22 +345,22 @@ class Worker:
         if url.path == "/health":
             _, body = self.health()
             await ws.send(json.dumps(body))
-            await ws.close(1000)
+            await ws.close(*msg.NORMAL)
             return
         dialect = DIALECTS.get(url.path)
         if url.path not in SESSION_PATHS and dialect is None:
-            await close_now(ws, 1008, "Invalid path")
+            await close_now(ws, *msg.INVALID_PATH)
             return
         if self.status != READY:
             self.metrics.refused.labels(self.status).inc()
-            await close_now(ws, 1013, f"Server {self.status}")
+            await close_now(ws, *msg.not_ready(self.status))
             return
         # Sessions whose client left still finalize without a slot; past as many again as there
         # are slots, new sessions wait too, so connect-and-drop churn cannot pile them up.
         if (len(self.admitted) + self._reserved >= self.settings.max_sessions
                 or len(self.sessions) + self._reserved >= 2 * self.settings.max_sessions):
             self.metrics.refused.labels("capacity").inc()
-            await close_now(ws, 1013, "Server at capacity")
+            await close_now(ws, *msg.AT_CAPACITY)
             return
         self._reserved += 1
         try:
@@ -384,16 +389,17 @@ class Worker:
                 if native is None:
                     return None  # the client left before its audio showed the format
                 query = native
-            engine = pick_engine(query, self.models.engines)
+            engine = pick_engine(query, self.models.engines, self.models.failed)
             config = parse_session_config(query, engine.spec)
         except ConfigError as exc:
             self.metrics.refused.labels("invalid_config").inc()
             self.metrics.errors.labels("invalid_config").inc()
             try:
-                await conn.send(json.dumps(msg.error("invalid_config", str(exc), recoverable=False)))
+                await send_message(conn, msg.error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False,
+                                                   param=exc.param))
             except ConnectionClosed:
                 pass
-            await close_now(conn, 1008, "Invalid config")
+            await close_now(conn, *msg.INVALID_CONFIG)
             return None
         return Session(conn, engine, config, self.services)
 

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 
 import numpy as np
 
-from host import sender as msg
+from host import protocol as msg
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
 from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
@@ -35,7 +35,8 @@ from host.partials import LocalAgreement
 from host.recording import SessionRecorder
 from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
 from host.sender import Sender
-from host.session_config import ConfigError, SessionConfig, check_language
+from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
+from host.session_config import SessionConfig, check_language
 from host.vad import VadBatcher, VadStage
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Session:
             if not _is_disconnect(exc):
                 log.exception("session %s failed", self.id)
                 self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
-                await self._report("internal_error", "internal error; the session is ending", recoverable=False)
+                await self._report(ErrorCode.INTERNAL_ERROR, "internal error; the session is ending", recoverable=False)
         finally:
             if not self._finished:
                 # The client went away without `end`: nobody waits for this session's finals, so
@@ -155,27 +156,27 @@ class Session:
                 # on the decoder time live sessions leave free.
                 self._client_gone = True
                 self.services.on_released(self)
-            await self.finish(1000 if self._status == "completed" else 1011)
+            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL)
             watchdog.cancel()
             record = self.record()
             if self.services.on_ended is not None:
                 await self.services.on_ended(self.info, record)
 
-    async def stop(self, code: int = 1001, reason: str = "worker shutting down") -> None:
+    async def stop(self, close: Close = msg.SHUTTING_DOWN) -> None:
         """End the session from the server side: finalize, send session.end, close."""
-        await self.finish(code, reason)
+        await self.finish(close)
 
-    async def finish(self, code: int = 1000, reason: str = "", linger: bool = True) -> None:
+    async def finish(self, close: Close = msg.NORMAL, linger: bool = True) -> None:
         """Finalize open speech, wait for every final, send session.end and close.
 
         ``linger=False`` drops the TCP connection right after the close frame instead of waiting
         for the peer's reply (a peer presumed gone). Idempotent: later and concurrent callers wait
         for the first one's work, which cancelling a waiter does not interrupt."""
         if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._finish(code, reason, linger))
+            self._finishing = asyncio.ensure_future(self._finish(close, linger))
         await asyncio.shield(self._finishing)
 
-    async def _finish(self, code: int, reason: str, linger: bool) -> None:
+    async def _finish(self, close: Close, linger: bool) -> None:
         async with self._lock:
             if self._finished:
                 return
@@ -198,8 +199,8 @@ class Session:
         await self.out.send(end)
         self.services.on_released(self)  # the close handshake holds no capacity
         if self._abandoned:  # the lag budget ran out while finishing: closed like a lag cut
-            code, reason = 1013, "Processing lag"
-        await self.out.close(code, reason, linger=linger)
+            close = msg.PROCESSING_LAG
+        await self.out.close(close, linger=linger)
 
     def _recorded_transcript(self) -> dict[str, Any]:
         """The transcript JSON of a recording: session.end with words, plus config and timings."""
@@ -230,13 +231,13 @@ class Session:
 
     async def _on_audio(self, data: bytes) -> None:
         if len(data) > self.services.max_frame_bytes:
-            await self._report("frame_too_large", f"audio frame of {len(data)} bytes exceeds max_frame_bytes "
+            await self._report(ErrorCode.FRAME_TOO_LARGE, f"audio frame of {len(data)} bytes exceeds max_frame_bytes "
                                f"({self.services.max_frame_bytes}); frame dropped", recoverable=True)
             return
         try:
             samples = self.decoder.decode(data)
         except InvalidAudio as exc:
-            await self._report("invalid_audio", f"{exc}; frame dropped", recoverable=True)
+            await self._report(ErrorCode.INVALID_AUDIO, f"{exc}; frame dropped", recoverable=True)
             return
         await self._room_for_finals()
         async with self._lock:
@@ -263,14 +264,14 @@ class Session:
         last = max(self._last_message, getattr(self._ws, "last_activity", 0.0))
         if s.idle_timeout_s and now - last >= s.idle_timeout_s and not self._held_back:
             self._status, self._error = "error", "idle_timeout"
-            await self._report("idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
+            await self._report(ErrorCode.IDLE_TIMEOUT, f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
                                recoverable=False)
-            await self.finish(1008, "Idle timeout", linger=False)
+            await self.finish(msg.IDLE_TIMEOUT, linger=False)
         elif s.max_session_s and now - self._opened >= s.max_session_s:
             self._status, self._error = "error", "max_duration"
-            await self._report("max_duration", f"the session reached the {s.max_session_s:g} s limit; ending it",
+            await self._report(ErrorCode.MAX_DURATION, f"the session reached the {s.max_session_s:g} s limit; ending it",
                                recoverable=False)
-            await self.finish(1008, "Session too long")
+            await self.finish(msg.SESSION_TOO_LONG)
 
     async def _check_lag(self) -> None:
         """Warn when finals fall behind; past the hard limit end the session rather than drift."""
@@ -281,12 +282,12 @@ class Session:
         lag = now - since
         if lag >= self.services.lag_limit_s:
             self._status, self._error = "error", f"processing_lag {lag:.1f} s"
-            await self._report("processing_lag", f"transcription is {lag:.1f} s behind the audio "
+            await self._report(ErrorCode.PROCESSING_LAG, f"transcription is {lag:.1f} s behind the audio "
                                f"(limit {self.services.lag_limit_s:g} s); ending the session", recoverable=False)
-            await self.finish(1013, "Processing lag")
+            await self.finish(msg.PROCESSING_LAG)
         elif lag >= self.services.lag_warning_s and uid not in self._lag_warned:
             self._lag_warned.add(uid)
-            await self.out.send(msg.warning("processing_lag", f"the final of utterance {uid} is "
+            await self.out.send(msg.warning(ErrorCode.PROCESSING_LAG, f"the final of utterance {uid} is "
                                             f"{lag:.1f} s late", lag_s=round(lag, 2)))
 
     async def _check_lag_after_end(self) -> None:
@@ -300,7 +301,7 @@ class Session:
         self._abandoned = True
         withdrawn = sorted(uid for uid, ticket in self._pending.items() if ticket.cancel())
         self._status, self._error = "error", f"processing_lag {lag:.1f} s"
-        await self._report("processing_lag", f"transcription is {lag:.1f} s behind the audio (limit "
+        await self._report(ErrorCode.PROCESSING_LAG, f"transcription is {lag:.1f} s behind the audio (limit "
                            f"{self.services.lag_limit_s:g} s) after end; {len(withdrawn)} queued utterance(s) "
                            f"withdrawn: {withdrawn[:20]}", recoverable=False)
 
@@ -331,7 +332,7 @@ class Session:
                 raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
             message = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            await self._report("invalid_json", f"malformed JSON: {str(exc)[:200]}", recoverable=True)
+            await self._report(ErrorCode.INVALID_JSON, f"malformed JSON: {str(exc)[:200]}", recoverable=True)
             return
         kind = message.get("type") if isinstance(message, dict) else None
         # `end` always goes through: dropping it would leave the client waiting for session.end.
@@ -339,7 +340,7 @@ class Session:
             now = time.monotonic()
             if now - self._rate_reported >= 1.0:  # one error a second, not one per dropped message
                 self._rate_reported = now
-                await self._report("rate_limited", f"more than {self.services.max_control_per_s:g} control "
+                await self._report(ErrorCode.RATE_LIMITED, f"more than {self.services.max_control_per_s:g} control "
                                    "messages per second; extra messages are dropped", recoverable=True)
             return
         handler = {
@@ -350,7 +351,7 @@ class Session:
         }.get(kind) if isinstance(kind, str) else None
         if handler is None:
             shown = kind if isinstance(kind, str) else "(missing)"
-            await self._report("unknown_message", f"unknown message type {shown!r}; "
+            await self._report(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {shown!r}; "
                                "expected config, flush, clear or end", recoverable=True)
             return
         await handler(message)
@@ -363,7 +364,7 @@ class Session:
             if "language" in message:
                 self.language = check_language(message["language"], self.engine.spec)
         except ConfigError as exc:
-            await self._report("invalid_config", str(exc), recoverable=True)
+            await self._report(ErrorCode.INVALID_CONFIG, str(exc), recoverable=True, param=exc.param)
 
     async def _on_flush(self, message: dict) -> None:
         await self._room_for_finals()
@@ -380,7 +381,7 @@ class Session:
                 self.buffer.discard_before(self.buffer.end)
 
     async def _on_end(self, message: dict) -> None:
-        await self.finish(1000)
+        await self.finish(msg.NORMAL)
 
     # --- pipeline -------------------------------------------------------------
 
@@ -492,8 +493,8 @@ class Session:
             return  # withdrawn by the lag budget after `end` (reported once, with the ids)
         except Exception as exc:  # noqa: BLE001 - one failed utterance must not end the session
             log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
-            await self._report("internal_error", f"transcription of utterance {utterance.id} failed: "
-                               f"{type(exc).__name__}", recoverable=True)
+            await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
+                               f"{type(exc).__name__}", recoverable=True, utterance_id=utterance.id)
             return
         finally:
             endpointed_at = self._awaiting.pop(utterance.id, None)
@@ -557,45 +558,17 @@ class Session:
 
         self._tail = asyncio.create_task(run())
 
-    async def _report(self, code: str, message: str, recoverable: bool) -> None:
+    async def _report(self, code: ErrorCode, message: str, recoverable: bool, **fields: Any) -> None:
+        """Send an ``error`` (``fields``: its structured ``utterance_id`` or ``param``), count and log it."""
         self.errors[code] = self.errors.get(code, 0) + 1
-        self.services.metrics.errors.labels(code).inc()
+        self.services.metrics.errors.labels(str(code)).inc()
         log.info("session %s: %s (%s)", self.id, code, message)
-        await self.out.send(msg.error(code, message, recoverable))
+        await self.out.send(msg.error(code, message, recoverable, **fields))
 
 
 BULK_AHEAD_S = 2.0
 """Audio this far ahead of the session's wall-clock age marks an upload: its decodes are served after
 every real-time session's (12 uploads at 100x made a real-time session's finals 5-9 s late)."""
-
-MAX_JSON_DEPTH = 64
-"""Control messages are flat; deeper JSON is refused before parsing, so the answer does not depend
-on how much of Python's recursion limit the call stack has used."""
-
-
-def nested_deeper_than(text: str, limit: int) -> bool:
-    """Whether brackets outside strings nest deeper than ``limit`` (a scan only when there are enough)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
 
 def _is_disconnect(exc: BaseException) -> bool:
     from websockets.exceptions import ConnectionClosed

@@ -16,6 +16,7 @@ from typing import Any, Mapping, TypeVar
 from host.audio import ENCODINGS, MAX_RATE, MIN_RATE
 from host.engines import EngineSpec
 from host.schemas import declared_types, problems, with_defaults
+from host.protocol import ConfigError  # noqa: F401 - defined with the wire; importable here as before
 
 AUDIO_SCHEMA = {
     "type": "object",
@@ -44,14 +45,6 @@ T = TypeVar("T")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-class ConfigError(ValueError):
-    """A bad session parameter; ``param`` names it."""
-
-    def __init__(self, param: str, message: str):
-        self.param = param
-        super().__init__(f"{param}: {message}" if param else message)
-
-
 @dataclass
 class SessionConfig:
     engine: str
@@ -74,13 +67,17 @@ class SessionConfig:
         return out
 
 
-def pick_engine(query: Mapping[str, str], engines: Mapping[str, T]) -> T:
-    """The engine the ``engine`` parameter names, else the first one."""
+def pick_engine(query: Mapping[str, str], engines: Mapping[str, T], failed: Mapping[str, Any] | None = None) -> T:
+    """The engine the ``engine`` parameter names, else the first one (``failed``: engines that
+    did not load, by id, each with a ``reason``)."""
     name = query.get("engine")
     if name is None:
         if not engines:
             raise ConfigError("engine", "no engine is loaded")
         return next(iter(engines.values()))
+    if failed and name in failed:
+        raise ConfigError("engine", f"engine {name!r} is not available: it failed to load "
+                                    f"({getattr(failed[name], 'reason', '')})")
     if name not in engines:
         raise ConfigError("engine", f"unknown engine {name!r} (available: {', '.join(engines)})")
     return engines[name]

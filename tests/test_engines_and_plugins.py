@@ -16,7 +16,7 @@ from host.engines import load_engine_file, load_engines
 from host.plugins import load_plugins
 from host.wer import word_errors
 
-from .support import ENGINES, ROOT, WorkerProcess
+from .support import ENGINES, ROOT, WorkerProcess, http_get
 
 DEFAULT = yaml.safe_load((ENGINES / "whisper-streaming.yaml").read_text())
 
@@ -205,3 +205,37 @@ async def test_third_party_vad_serves_sessions(tmp_path, site, speech_by_id):
         assert word_errors(utt.reference, result.end["transcript"]).wer <= 0.3
     finally:
         worker.stop()
+
+
+async def test_a_broken_engine_leaves_the_others_serving(tmp_path, speech_by_id):
+    """A third party's engine whose model path is wrong is reported and not served; the shipped
+    engine beside it serves (before, the factory failure made ``serve`` exit 1 for both)."""
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    write_engine(engines, "whisper-streaming.yaml", DEFAULT)
+    broken = variant(id="broken-whisper")
+    for options in broken["pipeline"]["asr"]["options"]["models"].values():
+        options["path"] = str(tmp_path / "no-such-model")
+    write_engine(engines, "zz-broken.yaml", broken)
+    worker = WorkerProcess(tmp_path, engines_dir=engines)
+    try:
+        worker.wait_healthy()
+        health = worker.health()
+        assert health["engines"] == ["whisper-streaming"]
+        (failed,) = health["failed_engines"]
+        assert failed["id"] == "broken-whisper" and failed["status"] == "failed"
+        assert "no-such-model" in failed["reason"] and "asr" in failed["reason"], failed
+        status, listed = http_get(worker.http + "/engines")
+        assert status == 200 and [e["id"] for e in listed] == ["whisper-streaming", "broken-whisper"]
+        assert listed[-1] == failed
+        refused = await stream(session_url(worker.url, engine="broken-whisper"), silence(0.1), speed=None)
+        (error,) = refused.of("error")
+        assert error["code"] == "invalid_config" and error["param"] == "engine"
+        assert "failed to load" in error["message"] and refused.close_code == 1008
+        utt = speech_by_id["jfk"]
+        served = await stream(session_url(worker.url), concat(read_wav(utt.path), silence(1.0)), speed=None)
+        assert word_errors(utt.reference, served.end["transcript"]).wer <= 0.3
+        assert "engine broken-whisper is not served" in worker.log()
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log()

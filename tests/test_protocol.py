@@ -108,6 +108,7 @@ async def test_bad_config_is_invalid_config_1008(idle_worker, query, param):
     assert error["type"] == "error" and error["code"] == "invalid_config"
     assert error["recoverable"] is False
     assert param in error["message"]
+    assert error["param"] == param  # structured: no client parses it out of the text
     assert ws.close_code == 1008
 
 

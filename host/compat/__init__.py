@@ -28,7 +28,7 @@ class Dialect(Protocol):
     def configure(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str]:
         """The native ``/session`` query parameters for this connection's vendor parameters.
 
-        Raise :class:`host.session_config.ConfigError` for a bad vendor parameter.
+        Raise :class:`host.protocol.ConfigError` for a bad vendor parameter.
         """
         ...
 
@@ -49,7 +49,7 @@ class DeferredDialect(Dialect, Protocol):
     def configure_early(self, messages: list[str | bytes]) -> dict[str, str] | None:
         """The native query once ``messages`` (everything received so far) decide it, else ``None``.
 
-        Raise :class:`host.session_config.ConfigError` when they show the audio cannot be served.
+        Raise :class:`host.protocol.ConfigError` when they show the audio cannot be served.
         """
         ...
 
@@ -77,7 +77,7 @@ def parse_json_object(raw: str | bytes, binary_hint: str = "") -> dict[str, Any]
     the native nesting limit applies, so the answer never depends on the parser's recursion.
     ``binary_hint`` is the message for a binary frame that is not UTF-8 JSON (say where audio goes).
     """
-    from host.session import MAX_JSON_DEPTH, nested_deeper_than
+    from host.protocol import MAX_JSON_DEPTH, nested_deeper_than
 
     if isinstance(raw, bytes):
         try:
@@ -112,7 +112,7 @@ def audio_frames(data: bytes) -> list[bytes]:
 
 def query_flag(query: Mapping[str, str], name: str, default: bool) -> bool:
     """A vendor's boolean query parameter (``true``/``false``/``1``/``0``; absent or empty: ``default``)."""
-    from host.session_config import ConfigError
+    from host.protocol import ConfigError
 
     value = query.get(name)
     if value is None or value == "":
@@ -166,9 +166,9 @@ class DialectConnection:
 
         A deferred dialect gets the client's first messages until they decide the parameters (at
         most ``max_early`` messages, ``timeout`` seconds); they are replayed to the session after.
-        Raises :class:`host.session_config.ConfigError` for bad vendor parameters.
+        Raises :class:`host.protocol.ConfigError` for bad vendor parameters.
         """
-        from host.session_config import ConfigError
+        from host.protocol import ConfigError
 
         native = self.dialect.configure(query, self.request.headers)
         while native is None:
@@ -201,10 +201,14 @@ class DialectConnection:
             await self._send_vendor(reply)
         return natives
 
-    async def send(self, text: str) -> None:
-        """A native JSON message from the session (``Sender`` serializes it)."""
-        for message in self.dialect.outgoing(json.loads(text)):
+    async def send_message(self, native: dict[str, Any]) -> None:
+        """A native message from the session, translated into the vendor's."""
+        for message in self.dialect.outgoing(native):
             await self._send_vendor(message)
+
+    async def send(self, text: str) -> None:
+        """A native message as JSON text (what the router relays from a worker)."""
+        await self.send_message(json.loads(text))
 
     async def _send_vendor(self, message: dict[str, Any] | str | bytes) -> None:
         if isinstance(message, (str, bytes)):

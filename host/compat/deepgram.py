@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import host
 from host.compat import DIALECTS, BadMessage, parse_json_object, query_flag
-from host.session_config import ConfigError
+from host.protocol import ConfigError
 
 PATH = "/v1/listen"
 

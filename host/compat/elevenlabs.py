@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
-from host.session_config import ConfigError
+from host.protocol import ConfigError
 
 PATH = "/v1/speech-to-text/realtime"
 

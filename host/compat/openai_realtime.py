@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object
-from host.session_config import ConfigError
+from host.protocol import CLIENT_ERRORS, ConfigError, ErrorCode
 
 PATH = "/v1/realtime"
 
@@ -61,7 +61,6 @@ GA_FORMATS = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g7
 GA_NAMES = {v: k for k, v in GA_FORMATS.items()}
 _OPENAI_MODEL = re.compile(r"^(gpt-|whisper-|chatgpt-|o\d)|realtime|transcribe", re.I)
 _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
-_FAILED_UTTERANCE = re.compile(r"transcription of utterance (\d+) failed")
 MIN_COMMIT_S = 0.1
 """OpenAI refuses to commit less than 100 ms of audio."""
 CONVERSATION_EVENTS = {"conversation.item.create", "conversation.item.delete", "conversation.item.retrieve",
@@ -427,9 +426,8 @@ class OpenAIRealtimeDialect:
 
     def _native_error(self, message: dict) -> list[dict[str, Any]]:
         code, text = message.get("code"), message.get("message", "")
-        failed = _FAILED_UTTERANCE.search(text) if code == "internal_error" else None
-        if failed and int(failed.group(1)) in self._vad_items:
-            uid = int(failed.group(1))
+        uid = message.get("utterance_id")
+        if code == ErrorCode.INTERNAL_ERROR and uid in self._vad_items:
             item = self._vad_items.pop(uid)
             item.done = True
             out = self._complete_empty(upto=uid)
@@ -438,13 +436,12 @@ class OpenAIRealtimeDialect:
             return out + [self._event("conversation.item.input_audio_transcription.failed", item_id=item.id,
                                       content_index=0, error={"type": "server_error", "code": code,
                                                               "message": text, "param": None})]
-        client_side = code in ("invalid_json", "unknown_message", "invalid_config", "invalid_audio",
-                               "frame_too_large", "rate_limited", "idle_timeout", "max_duration")
+        client_side = code in CLIENT_ERRORS
         param, event_id = None, None
-        if code in ("invalid_config", "invalid_audio", "frame_too_large") and self._cause is not None:
+        if code in (ErrorCode.INVALID_CONFIG, ErrorCode.INVALID_AUDIO, ErrorCode.FRAME_TOO_LARGE) and self._cause is not None:
             event_id, param = self._cause[1], self._cause[2]
-        if param is None and code == "invalid_config" and ":" in text:
-            param = text.split(":", 1)[0]
+        if param is None:
+            param = message.get("param")
         return [self._error("invalid_request_error" if client_side else "server_error", code, text, param, event_id)]
 
     # --- helpers ----------------------------------------------------------------------
