@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := plugins/vad_silero plugins/asr_faster_whisper plugins/registry_redis
 
-.PHONY: serve test install clean
+.PHONY: serve test lint install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# ruff (rules in pyproject.toml) over everything, mypy over the host and the plugins.
+MYPY_PATHS := host $(foreach p,$(PLUGINS),$(p)/$(subst -,_,engine_host_$(notdir $(p))))
+lint: $(STAMP)
+	$(BIN)/ruff check host plugins tests bench
+	$(BIN)/mypy $(MYPY_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -40,7 +40,7 @@ class DefaultAssembler:
         self.dedup_max_words = dedup_max_words
         self.dedup_window_s = dedup_window_s
 
-    def open_session(self) -> "SessionTranscript":
+    def open_session(self) -> SessionTranscript:
         return SessionTranscript(self.dedup_max_words, self.dedup_window_s)
 
 

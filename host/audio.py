@@ -6,8 +6,7 @@ import numpy as np
 import soxr
 
 from host.contracts import SAMPLE_RATE
-
-from host.protocol import ENCODINGS  # noqa: F401 - the wire's list; audio decodes each
+from host.protocol import ENCODINGS
 
 """Supported encodings and their bytes per sample."""
 MIN_RATE, MAX_RATE = 8000, 48000

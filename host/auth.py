@@ -27,7 +27,7 @@ class ApiKeys:
         return bool(self.keys)
 
     @classmethod
-    def load(cls, listed: str = "", file: str | Path | None = None) -> "ApiKeys":
+    def load(cls, listed: str = "", file: str | Path | None = None) -> ApiKeys:
         """Keys from a comma-separated list and/or a file (one per line; blank lines and ``#`` comments skipped)."""
         keys = [k.strip() for k in listed.split(",") if k.strip()]
         if file:

@@ -137,7 +137,7 @@ def cmd_serve(args) -> int:
     except (StartupError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except Exception as exc:  # noqa: BLE001 - e.g. a model failing to load: one clear line, not a traceback wall
+    except Exception as exc:
         from host.models import ComponentError
 
         if isinstance(exc, ComponentError):
@@ -233,8 +233,8 @@ def cmd_validate(args) -> int:
         engines, errors = load_engines(target, plugins)
     for e in engines:
         print(f"ok     {e.file}  ({e.id}: {', '.join(e.models)})")
-    for err in errors:
-        print(f"error  {err}")
+    for problem in errors:
+        print(f"error  {problem}")
     print(f"{len(engines)} valid, {len(errors)} error(s)")
     return 1 if errors else 0
 

@@ -97,7 +97,7 @@ class EndpointingOptions:
         return self.endpoint_silence_s
 
     @classmethod
-    def from_options(cls, options: dict) -> "EndpointingOptions":
+    def from_options(cls, options: dict) -> EndpointingOptions:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in options.items() if k in names})
 

@@ -7,7 +7,8 @@ Each takes the ``session.end`` message (its ``segments`` carry session-time
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 FORMATS = ("text", "json", "srt", "vtt")
 

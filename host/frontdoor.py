@@ -179,6 +179,18 @@ async def registry_call(call: Any) -> tuple[Any, Response | None]:
         return None, json_response(503, {"error": f"registry unavailable: {type(exc).__name__}: {exc}"})
 
 
-__all__ = ["EARLY_BYTES_LIMIT", "FrontDoorConnection", "MAX_QUEUE", "SESSION_PATHS", "bound_port",
-           "check_request", "close_now", "is_upgrade", "json_response", "peer_of", "serve_options",
-           "static_response", "unauthorized"]
+__all__ = [
+    "EARLY_BYTES_LIMIT",
+    "MAX_QUEUE",
+    "SESSION_PATHS",
+    "FrontDoorConnection",
+    "bound_port",
+    "check_request",
+    "close_now",
+    "is_upgrade",
+    "json_response",
+    "peer_of",
+    "serve_options",
+    "static_response",
+    "unauthorized",
+]

@@ -12,13 +12,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
-from host.contracts import Assembler, AsrEngine, LoadContext, VadModel
+from host.contracts import AsrEngine, Assembler, LoadContext, VadModel
 from host.endpointing import EndpointingOptions
 from host.engines import EngineSpec
 from host.plugins import PluginSet
@@ -150,6 +151,7 @@ class ModelManager:
         for stage in ("vad", "asr", "assembler"):
             st = spec.pipeline[stage]
             component = self.plugins.component(stage, st.plugin)
+            assert component is not None, "engine validation checked that the plugin exists"
             try:
                 built[stage] = component.factory(dict(st.options), context)
             except Exception as exc:
@@ -210,7 +212,7 @@ async def trim_memory_loop(interval_s: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await asyncio.to_thread(release_free_memory)
 
 
@@ -234,7 +236,7 @@ def gpu_memory() -> list[dict[str, Any]]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            mine = 0
+            mine: int | None = 0
             try:
                 for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     if proc.pid == pid and proc.usedGpuMemory:

@@ -11,8 +11,9 @@ import importlib
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 import pluggy
@@ -77,16 +78,15 @@ class PluginSet:
         return self.manager.hook
 
 
-def allowed_entry_points(env: dict[str, str] | None = None) -> set[str] | None:
+def allowed_entry_points(env: Mapping[str, str] | None = None) -> set[str] | None:
     """Entry point names ``ENGINE_HOST_PLUGINS`` allows (None: all). An empty value loads none."""
-    env = os.environ if env is None else env
-    value = env.get("ENGINE_HOST_PLUGINS")
+    value = (os.environ if env is None else env).get("ENGINE_HOST_PLUGINS")
     if value is None:
         return None
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def load_plugins(env: dict[str, str] | None = None, extra: list[Any] = ()) -> PluginSet:
+def load_plugins(env: Mapping[str, str] | None = None, extra: Sequence[Any] = ()) -> PluginSet:
     """Load built-ins, allowed entry points and ``extra`` plugin objects; collect components."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

@@ -17,7 +17,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class SessionRecorder:
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
         self._data_bytes = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._failed: str | None = None
         self._io = io  # one thread shared by all recordings: writes stay in order and off the loop
         self._last: asyncio.Future | None = None
@@ -80,6 +80,7 @@ class SessionRecorder:
         or None when recording failed (the session is never failed for it)."""
         self._flush()
         self._submit(self._finish, transcript)
+        assert self._last is not None  # _submit set it
         try:
             await self._last
         except Exception:  # noqa: BLE001 - reported in _failed
@@ -108,18 +109,20 @@ class SessionRecorder:
             self.wav_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.wav_path, "w+b")
             self._file.write(wav_header(0))
-        self._file.write(data)
+        f = self._file
+        f.write(data)
         self._data_bytes += len(data)
         # Keep the header true after every chunk: a crash leaves a readable file.
-        end = self._file.tell()
-        self._file.seek(0)
-        self._file.write(wav_header(self._data_bytes))
-        self._file.seek(end)
-        self._file.flush()
+        end = f.tell()
+        f.seek(0)
+        f.write(wav_header(self._data_bytes))
+        f.seek(end)
+        f.flush()
 
     def _finish(self, transcript: dict[str, Any]) -> None:
         if self._file is None:
             self._write_audio(b"")
+        assert self._file is not None
         self._file.close()
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(transcript, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -151,5 +154,5 @@ async def retention_loop(directory: Path, max_age_s: float, stop: asyncio.Event,
             log.warning("retention sweep of %s failed: %s", directory, exc)
         try:
             await asyncio.wait_for(stop.wait(), timeout=every_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

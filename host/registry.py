@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Awaitable, Callable
 
 from host.contracts import Registry, SessionRecord, WorkerInfo, WorkerStatus
 from host.hookspecs import hookimpl

@@ -24,6 +24,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -35,16 +36,25 @@ from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
 from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
-from host.plugins import PluginSet, load_plugins
-from host.registry import RegistryConfigError, build_registry, call_quietly
 from host.frontdoor import (
-    SESSION_PATHS, bound_port, check_request, close_now, is_upgrade, json_response, peer_of, registry_call,
-    serve_options, static_response, unauthorized,
+    SESSION_PATHS,
+    bound_port,
+    check_request,
+    close_now,
+    is_upgrade,
+    json_response,
+    peer_of,
+    registry_call,
+    serve_options,
+    static_response,
+    unauthorized,
 )
-from host.static import load_static
+from host.plugins import PluginSet, load_plugins
 from host.protocol import ENCODINGS, ConfigError, ErrorCode
+from host.registry import RegistryConfigError, build_registry, call_quietly
 from host.sender import send_message
 from host.settings import RouterSettings
+from host.static import load_static
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +77,7 @@ class Wanted:
     language: str | None = None
 
     @classmethod
-    def from_query(cls, query: dict[str, str]) -> "Wanted":
+    def from_query(cls, query: dict[str, str]) -> Wanted:
         return cls(query.get("engine"), query.get("model"), query.get("language"))
 
     def __str__(self) -> str:
@@ -141,7 +151,7 @@ class RoutedSession:
             if not upward.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(upward), timeout=5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     upward.cancel()
         return lost
 
@@ -270,6 +280,11 @@ class Router:
     def port(self) -> int:
         return bound_port(self._server, self.settings.port)
 
+    @property
+    def _dir(self) -> WorkerDirectory:
+        assert self.directory is not None, "the router has started"
+        return self.directory
+
     # --- HTTP -----------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request):
@@ -289,10 +304,10 @@ class Router:
             # Internal endpoints and memory: only for key holders when the router has keys.
             if not self.api_keys.allows(request.headers, url.query):
                 return unauthorized()
-            workers, failed = await registry_call(self.directory.workers())
+            workers, failed = await registry_call(self._dir.workers())
             return failed or json_response(200, [self.describe(w) for w in workers])
         if path == "/engines":
-            workers, failed = await registry_call(self.directory.workers())
+            workers, failed = await registry_call(self._dir.workers())
             return failed or json_response(200, engines_of(workers))
         if path in self.static:
             return static_response(*self.static[path])
@@ -304,7 +319,7 @@ class Router:
         if self._closing:
             return 503, {**body, "status": "draining"}
         try:
-            workers = await self.directory.workers()
+            workers = await self._dir.workers()
         except Exception as exc:  # noqa: BLE001
             return 503, {**body, "status": "registry_unavailable", "error": f"{type(exc).__name__}: {exc}"}
         ready = [w for w in workers if w.status.status == "ready"]
@@ -326,6 +341,7 @@ class Router:
     # --- sessions --------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handshake is done
         url = urlsplit(ws.request.path)
         if url.path == "/health":
             _, body = await self.health()
@@ -340,7 +356,8 @@ class Router:
             await close_now(ws, *msg.ROUTER_DRAINING)
             return
         query = dict(parse_qsl(url.query, keep_blank_values=True))
-        client, target = ws, (url.path, url.query)
+        client: Any = ws
+        target = (url.path, url.query)
         if dialect is not None:
             # The router speaks the vendor's protocol itself and native /session to the worker,
             # so it sees session.begin and the finals like in any routed session.
@@ -359,7 +376,7 @@ class Router:
         headers = forwarded_headers(ws)
         wanted = Wanted.from_query(query)
         try:
-            workers = await self.directory.workers()
+            workers = await self._dir.workers()
         except Exception as exc:  # noqa: BLE001
             log.warning("registry unavailable: %s: %s", type(exc).__name__, exc)
             await close_now(ws, *msg.REGISTRY_UNAVAILABLE)
@@ -389,7 +406,7 @@ class Router:
         except Refused as exc:
             log.info("worker %s refused a session (%s); trying the next", worker.info.worker_id, exc)
             return False
-        except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
             log.warning("worker %s unreachable at %s (%s: %s); trying the next", worker.info.worker_id,
                         worker.info.endpoint, type(exc).__name__, exc)
             self.suspects.add(worker)
@@ -402,13 +419,13 @@ class Router:
 
     async def _reserve(self, worker: WorkerRecord, lease: str) -> bool:
         try:
-            return await self.directory.reserve(worker.info.worker_id, lease, self.settings.lease_ttl_s)
+            return await self._dir.reserve(worker.info.worker_id, lease, self.settings.lease_ttl_s)
         except Exception as exc:  # noqa: BLE001
             log.warning("reservation on %s failed: %s: %s", worker.info.worker_id, type(exc).__name__, exc)
             return False
 
     async def _release(self, worker: WorkerRecord, lease: str) -> None:
-        await call_quietly("release", self.directory.release(worker.info.worker_id, lease))
+        await call_quietly("release", self._dir.release(worker.info.worker_id, lease))
 
     async def _open(self, ws, worker: WorkerRecord, path: str, query: str,
                     headers: list[tuple[str, str]]) -> tuple[ClientConnection | None, dict]:
@@ -482,7 +499,7 @@ class Router:
     async def _renew(self, worker: WorkerRecord, lease: str) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
-            await call_quietly("lease renewal", self.directory.renew(worker.info.worker_id, lease,
+            await call_quietly("lease renewal", self._dir.renew(worker.info.worker_id, lease,
                                                                     self.settings.lease_ttl_s))
 
 

@@ -32,8 +32,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Hashable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class InferenceQueue:
             return sum(self._waiting.values()) + self._waiting_bulk
 
     def submit(self, fn: Callable[[], Any], priority: int = FINAL, stale: Callable[[], bool] | None = None,
-               owner: Hashable = None, bulk: bool = False) -> "Ticket":
+               owner: Hashable = None, bulk: bool = False) -> Ticket:
         """Queue ``fn``; the ticket's future resolves with its result (call from the event loop).
 
         Args:

@@ -15,32 +15,42 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from host import __version__
 from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
 from host.compat import DIALECTS, DialectConnection, load_dialects
-from host.contracts import LoadContext, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
+from host.contracts import LoadContext, Registry, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.engines import EngineLoadError, load_engines
 from host.frontdoor import (
-    SESSION_PATHS, bound_port, check_request, close_now, is_upgrade, json_response, peer_of, serve_options,
-    static_response, unauthorized,
+    SESSION_PATHS,
+    bound_port,
+    check_request,
+    close_now,
+    is_upgrade,
+    json_response,
+    peer_of,
+    serve_options,
+    static_response,
+    unauthorized,
 )
-from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
+from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from host.metrics import Metrics
 from host.models import ModelManager, trim_memory_loop
-from host.recording import SessionRecorder, retention_loop
 from host.plugins import PluginSet, load_plugins
+from host.protocol import ConfigError, ErrorCode
+from host.recording import SessionRecorder, retention_loop
 from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
 from host.scheduler import Scheduler
-from host.session import Session, SessionServices
 from host.sender import send_message
-from host.protocol import ConfigError, ErrorCode
+from host.session import Session, SessionServices
 from host.session_config import parse_session_config, pick_engine
 from host.settings import Settings
 from host.static import load_static
@@ -72,7 +82,7 @@ class Worker:
         self._reserved = 0
         self.started_at = time.time()
         self.ready_after_s: float | None = None
-        self.registry = None
+        self.registry: Registry | None = None
         self._server: Server | None = None
         self._stop = asyncio.Event()
         self.announcer: Announcer | None = None
@@ -113,6 +123,7 @@ class Worker:
         )
 
     def _recorder(self, session_id: str) -> SessionRecorder:
+        assert self.sessions_dir is not None  # only called when recording is on
         return SessionRecorder(self.sessions_dir, session_id, self._recording_io)
 
     def _vad_batcher(self, model) -> VadBatcher:
@@ -141,13 +152,13 @@ class Worker:
                      " and /metrics" if self.settings.metrics_auth else "")
         log.info("listening on %s:%d (worker %s)", self.settings.host, self.port, self.settings.worker_id)
         specs, errors = load_engines(self.settings.engines_dir, self.plugins)
-        for error in errors:
-            log.error("engine skipped: %s", error)
+        for problem in errors:
+            log.error("engine skipped: %s", problem)
         if not specs:
             raise EngineLoadError(errors)
         await self.models.load(specs)
-        self.registry = await self._build_registry()
-        self.announcer = Announcer(self.registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s)
+        registry = self.registry = await self._build_registry()
+        self.announcer = Announcer(registry, self.worker_info(), self.worker_status, self.settings.heartbeat_s)
         self._heartbeat = asyncio.create_task(self.announcer.run(self._stop))
         if self.settings.memory_trim_s > 0:
             self._trimmer = asyncio.create_task(trim_memory_loop(self.settings.memory_trim_s, self._stop))
@@ -231,7 +242,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(request.wait(), timeout=watch if watch > 0 else None)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 now = await asyncio.to_thread(_directory_state, self.settings.engines_dir)
                 if now == seen:
                     continue
@@ -239,7 +250,7 @@ class Worker:
             request.clear()
             try:
                 await self.reload()
-            except Exception:  # noqa: BLE001 - a failed reload must leave the worker serving
+            except Exception:
                 log.exception("engine reload failed; the previous engines keep serving")
 
     @property
@@ -341,6 +352,7 @@ class Worker:
     # --- WebSocket ---------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handshake is done
         url = urlsplit(ws.request.path)
         if url.path == "/health":
             _, body = self.health()
@@ -380,7 +392,7 @@ class Worker:
     async def _open_session(self, ws: ServerConnection, query_string: str, dialect) -> Session | None:
         """The session a handshake asks for, or None once the client has its invalid_config error."""
         query = dict(parse_qsl(query_string, keep_blank_values=True))
-        conn = ws
+        conn: Any = ws
         try:
             if dialect is not None:
                 # Another vendor's protocol: translated both ways around the same session.
@@ -430,7 +442,7 @@ def _call_hook(hook, **kwargs) -> None:
     """Session hooks are observers: a failing plugin is logged and never breaks a session."""
     try:
         hook(**kwargs)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("%s hook failed", hook.name)
 
 

@@ -18,9 +18,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,10 +33,10 @@ from host.limits import TokenBucket
 from host.metrics import Metrics
 from host.models import LoadedEngine
 from host.partials import LocalAgreement
+from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
 from host.recording import SessionRecorder
 from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
 from host.sender import Sender
-from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
 from host.session_config import SessionConfig, check_language
 from host.vad import VadBatcher, VadStage
 
@@ -70,7 +71,7 @@ class SessionServices:
     recorder: Callable[[str], SessionRecorder] | None = None
     """Makes the recorder of a session id; None: recording is off."""
     on_started: Callable[[SessionInfo], None] = lambda info: None
-    on_released: Callable[["Session"], None] = lambda session: None
+    on_released: Callable[[Session], None] = lambda session: None
     """The session gives back its capacity slot: its client is gone, or has session.end."""
     on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
 
@@ -113,6 +114,7 @@ class Session:
         self._agreement = LocalAgreement()
         self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
+        self._partial_tasks: set[asyncio.Task] = set()
         self._speculative: _Speculation | None = None
         self._previous_end = -1  # end sample of the last utterance
         self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
@@ -144,7 +146,7 @@ class Session:
                     await self._on_text(message)
                 if self._finished:
                     break
-        except Exception as exc:  # noqa: BLE001 - the connection dropping is handled below too
+        except Exception as exc:
             if not _is_disconnect(exc):
                 log.exception("session %s failed", self.id)
                 self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
@@ -186,7 +188,7 @@ class Session:
                 if tail.size:
                     await self._process(tail)
                 await self._handle(self.vad.flush())
-            except Exception:  # noqa: BLE001 - still deliver what we have
+            except Exception:
                 log.exception("session %s: finalizing failed", self.id)
         if self._tail is not None:
             await self._tail
@@ -209,7 +211,7 @@ class Session:
         del document["type"]
         document.update(worker_id=self.services.worker_id, engine=self.engine.id, config=self.config.public(),
                         status=self._status, error=self._error, started_at=self.started_at, ended_at=time.time(),
-                        audio_file=self.recorder.wav_path.name)
+                        audio_file=self.recorder.wav_path.name if self.recorder is not None else None)
         return document
 
     def record(self) -> SessionRecord:
@@ -445,6 +447,7 @@ class Session:
 
     def _speculate(self, end: int) -> None:
         """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
+        assert self._utterance is not None  # the caller checked
         uid, start = self._utterance
         self._drop_speculative()
         if self.queue.waiting(SPECULATIVE):
@@ -491,7 +494,7 @@ class Session:
             if not (self._abandoned and future.cancelled()):
                 raise
             return  # withdrawn by the lag budget after `end` (reported once, with the ids)
-        except Exception as exc:  # noqa: BLE001 - one failed utterance must not end the session
+        except Exception as exc:
             log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
             await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
                                f"{type(exc).__name__}", recoverable=True, utterance_id=utterance.id)
@@ -523,7 +526,9 @@ class Session:
             stale=lambda: self._utterance is None or self._utterance[0] != uid, owner=self.id, bulk=self._bulk(),
         )
         self._partial = (uid, ticket)
-        asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
+        task = asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
+        self._partial_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._partial_tasks.discard)
 
     async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket, asked_at: float) -> None:
         try:
@@ -553,7 +558,7 @@ class Session:
                 await previous
             try:
                 await step
-            except Exception:  # noqa: BLE001 - keep the chain alive for later steps
+            except Exception:
                 log.exception("session %s: delivery step failed", self.id)
 
         self._tail = asyncio.create_task(run())

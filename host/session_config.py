@@ -10,13 +10,14 @@ the type the schemas declare before validation, and defaults are applied.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from host.audio import ENCODINGS, MAX_RATE, MIN_RATE
 from host.engines import EngineSpec
+from host.protocol import ConfigError
 from host.schemas import declared_types, problems, with_defaults
-from host.protocol import ConfigError  # noqa: F401 - defined with the wire; importable here as before
 
 AUDIO_SCHEMA = {
     "type": "object",
@@ -29,7 +30,7 @@ AUDIO_SCHEMA = {
     },
 }
 
-CORE_SCHEMA = {
+CORE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "model": {"type": "string"},

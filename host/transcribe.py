@@ -13,8 +13,9 @@ import asyncio
 import json
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator, TextIO
+from typing import Any, TextIO
 
 from host.client import Audio, StreamResult, read_wav, session_url, stream
 from host.formats import WRITERS, timestamp
@@ -102,6 +103,7 @@ async def run(args) -> int:
     async def session(url: str) -> StreamResult:
         if args.mic:
             return await stream_frames(session_url(url, **params), microphone_frames(), view.message)
+        assert audio is not None  # read from the file argument when not --mic
         speed = args.speed if args.speed else (1.0 if args.realtime else None)
         per_s = audio.sample_rate * audio.channels * 2
         return await stream(session_url(url, **params), audio, speed=speed, on_message=view.message,

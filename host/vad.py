@@ -83,12 +83,13 @@ class VadStage:
         reset = getattr(self.stream, "reset", None)
         if reset is not None:
             reset()
-        else:
+        elif self._model is not None:
             self.stream = self._model.open_stream()
 
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Windows, probabilities and endpointing in one call (for offline use and tests)."""
         windows = self.take_windows(samples)
+        assert self.stream is not None, "feed() needs a VAD model"
         return self.endpoint(self.stream.probabilities(windows)) if len(windows) else []
 
     def flush(self) -> list[Event]:
@@ -147,7 +148,7 @@ class VadBatcher:
             self._everyone_waits.set()
         if not self._draining:
             self._draining = True
-            asyncio.create_task(self._drain())
+            self._drainer = asyncio.create_task(self._drain())  # a reference: the loop keeps weak ones
         return await future
 
     async def _drain(self) -> None:
@@ -183,7 +184,7 @@ class VadBatcher:
         self._everyone_waits = asyncio.Event()
         try:
             await asyncio.wait_for(self._everyone_waits.wait(), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._everyone_waits = None

@@ -73,7 +73,7 @@ class WerCounts:
     def wer(self) -> float:
         return self.errors / self.words if self.words else 0.0
 
-    def __add__(self, other: "WerCounts") -> "WerCounts":
+    def __add__(self, other: WerCounts) -> WerCounts:
         return WerCounts(self.errors + other.errors, self.words + other.words)
 
 

@@ -7,6 +7,7 @@ frequencies, independent reference encoders, and the transcript quality each for
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import warnings
 
@@ -88,7 +89,7 @@ def decode_frames(decoder: AudioDecoder, frames: list[bytes]) -> np.ndarray:
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` cut at the given offsets (any order, taken modulo its length + 1; repeats give empty frames)."""
     bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def sine(freq: float, rate: int, seconds: float, amp: float) -> np.ndarray:

@@ -138,7 +138,7 @@ async def test_sdk_manual_commit_one_transcript_per_commit(idle_worker, speech_b
                 await conn.send({"audio_base_64": b64(piece), **({"previous_text": "Context."} if n == 1 and not i else {})})
                 await asyncio.sleep(0.02)
             await conn.commit()
-            await messages.until(lambda: len(messages.of("committed_transcript")) == n)
+            await messages.until(lambda n=n: len(messages.of("committed_transcript")) == n)
         await conn.commit()  # nothing since the last commit: an empty transcript
         await messages.until(lambda: len(messages.of("committed_transcript")) == len(utts) + 1)
     finally:

@@ -7,6 +7,7 @@ Skipped when /usr/bin/chromium or playwright is missing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -142,7 +143,7 @@ def check_subtitles(page, tmp_path: Path, segments: list[dict]) -> None:
         for (start, end, _), seg in zip(cues, segments):
             assert start == pytest.approx(seg["start"], abs=0.0011) and end == pytest.approx(seg["end"], abs=0.0011)
             assert start <= end
-        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(cues, cues[1:])), cues
+        assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(cues)), cues
     txt = download(page, "txt", tmp_path)
     assert txt.splitlines() == [s["text"] for s in segments]
 
@@ -157,7 +158,7 @@ def save_screenshot(page, tmp_path: Path, name: str) -> None:
 
 
 def test_microphone_session(browser, worker, mic_audio, tmp_path):
-    wav, duration, reference = mic_audio
+    _wav, duration, reference = mic_audio
     page = open_page(browser, worker)
     # The pickers come from GET /engines.
     _, engines = http_get(worker.http + "/engines")

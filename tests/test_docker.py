@@ -339,7 +339,8 @@ def test_copied_paths_exist_and_are_in_the_build_context():
     # What `pip install` needs from the copied trees must survive .dockerignore as well.
     for project in (".", *PLUGIN_DIRS):
         meta = tomllib.loads((ROOT / project / "pyproject.toml").read_text())
-        needed = [f"{project}/pyproject.toml"] + [f"{project}/{p.replace('.', '/')}/__init__.py" for p in meta["tool"]["setuptools"]["packages"]]
+        packages = meta["tool"]["setuptools"]["packages"]
+        needed = [f"{project}/pyproject.toml"] + [f"{project}/{p.replace('.', '/')}/__init__.py" for p in packages]
         if "readme" in meta["project"]:
             needed.append(f"{project}/{meta['project']['readme']}")
         for path in needed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import numpy as np
 import pytest
@@ -25,12 +26,12 @@ def run(probs, pauses=False, **opts):
 
 
 def windows(seconds: float) -> int:
-    return int(round(seconds * SR / W))
+    return round(seconds * SR / W)
 
 
 def test_speech_then_silence_gives_one_utterance_with_preroll():
     probs = [0.0] * windows(1.0) + [0.9] * windows(1.0) + [0.0] * windows(1.0)
-    ep, events = run(probs, preroll_s=0.3, endpoint_silence_s=0.5, postroll_s=0.2)
+    _ep, events = run(probs, preroll_s=0.3, endpoint_silence_s=0.5, postroll_s=0.2)
     assert [type(e) for e in events] == [SpeechStart, SpeechEnd]
     onset = windows(1.0) * W
     assert events[0].sample == onset - int(0.3 * SR)
@@ -165,7 +166,7 @@ def test_silero_finds_speech_in_real_audio(silero, speech_by_id):
     probs = silero.open_stream().probabilities(samples[: n * W].reshape(n, W))
     assert probs[: windows(0.9)].max() < 0.3  # leading digital silence
     assert (probs > 0.5).mean() > 0.4
-    ep, events = run(probs)
+    _ep, events = run(probs)
     first = events[0]
     assert isinstance(first, SpeechStart) and 0.6 * SR <= first.sample <= 1.5 * SR
 
@@ -202,7 +203,7 @@ def test_silero_numpy_backend_matches_onnxruntime(speech_by_id):
     wins = samples[: n * W].reshape(n, W)
     reference = onnx_model.open_stream().probabilities(wins)
     stream, cuts = numpy_model.open_stream(), [0, 1, 4, 5, 13, 40, 41, n]
-    ours = np.concatenate([stream.probabilities(wins[a:b]) for a, b in zip(cuts, cuts[1:])])
+    ours = np.concatenate([stream.probabilities(wins[a:b]) for a, b in itertools.pairwise(cuts)])
     np.testing.assert_allclose(ours, reference, atol=1e-4)
     assert (reference > 0.5).mean() > 0.4  # real speech, not a trivially silent comparison
 
@@ -230,7 +231,7 @@ def test_silero_numpy_backend_refuses_another_model(tmp_path):
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 512])])
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    with pytest.raises(UnsupportedModel, match="other.onnx .*not a Silero v5 model"):
+    with pytest.raises(UnsupportedModel, match=r"other\.onnx .*not a Silero v5 model"):
         _silero("numpy", str(path))
 
 

@@ -79,14 +79,14 @@ async def early_bytes(r: random.Random, w, clips) -> str:
 
 
 async def bad_path_push(r: random.Random, w, clips) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", w.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", w.port)
     writer.write(handshake(r.choice(["/nope", "/session/x", "/v1/other"])))
     blob = client_frame(0x2, bytes(1 << 20))
     try:
         for _ in range(r.randint(4, 32)):
             writer.write(blob)
             await asyncio.wait_for(writer.drain(), 2)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     writer.close()
     return "bad_path_push"
@@ -166,7 +166,7 @@ async def random_bytes(r: random.Random, w, clips) -> str:
         data = b"GET /session HTTP/1.1\r\n" + data
     try:
         await raw_exchange(w.port, data, read_s=15)
-    except (ConnectionError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionError, OSError):
         pass
     return "random_bytes"
 

@@ -77,7 +77,7 @@ async def test_malformed_requests_get_a_clean_answer_and_one_log_line(shielded):
 
 async def push_frames(port: int, path: str, frames: int, stop: asyncio.Event) -> None:
     """A client that upgrades, then pushes 1 MiB frames without reading or answering anything."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(handshake(path))
     blob = client_frame(0x2, bytes(1 << 20))
     try:
@@ -86,7 +86,7 @@ async def push_frames(port: int, path: str, frames: int, stop: asyncio.Event) ->
                 break
             writer.write(blob)
             await asyncio.wait_for(writer.drain(), 2)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass  # the server dropped us or stopped reading: what it should do
     await stop.wait()
     writer.close()

@@ -18,7 +18,14 @@ from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
 from .support import (
-    RedisServer, RouterProcess, WorkerProcess, free_port, handshake, http_get, raw_exchange, run_compat_snippet,
+    RedisServer,
+    RouterProcess,
+    WorkerProcess,
+    free_port,
+    handshake,
+    http_get,
+    raw_exchange,
+    run_compat_snippet,
 )
 
 pytest.importorskip("redis")
@@ -114,7 +121,7 @@ async def test_routed_session_matches_a_direct_one(cluster, speech_by_id, speech
 
 
 async def test_invalid_config_is_relayed_not_retried(cluster):
-    _, workers, router = cluster
+    _, _workers, router = cluster
     result = await stream(session_url(router.url, sample_rate=5), silence(0.1), speed=None)
     (error,) = result.of("error")
     assert error["code"] == "invalid_config" and "sample_rate" in error["message"]
@@ -163,7 +170,7 @@ async def _try_open(url: str):
 
 
 async def test_router_checks_api_keys_at_its_handshake(cluster, tmp_path):
-    redis_server, workers, _ = cluster
+    redis_server, _workers, _ = cluster
     router = RouterProcess(tmp_path, redis_server.url, api_keys="secret-1")
     try:
         router.wait_healthy()
@@ -181,7 +188,7 @@ async def test_router_checks_api_keys_at_its_handshake(cluster, tmp_path):
 async def test_unreachable_worker_is_skipped_for_the_next(cluster):
     """A registered worker that does not answer (here: a record pointing at a closed port, with
     the most free capacity so it is tried first) costs one failed connect, then the router goes on."""
-    redis_server, workers, router = cluster
+    redis_server, _workers, router = cluster
     r = redis_server.client()
     key = "dalston:realtime:worker:ghost"
     r.hset(key, mapping={
@@ -193,7 +200,7 @@ async def test_unreachable_worker_is_skipped_for_the_next(cluster):
     r.expire(key, 30)
     r.sadd("dalston:realtime:workers", "ghost")
     try:
-        ws, begin = await open_session(session_url(router.url))
+        ws, _begin = await open_session(session_url(router.url))
         await end_session(ws)
         assert "ghost unreachable" in router.log()
         assert [w["suspect"] for w in router.workers() if w["worker_id"] == "ghost"] == [True]

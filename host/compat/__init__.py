@@ -17,7 +17,8 @@ import base64
 import binascii
 import json
 import time
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
@@ -135,7 +136,8 @@ def scrub(value: Any) -> Any:
     return value
 
 
-DIALECTS: dict[str, Callable[[], Dialect]] = {}
+DIALECTS: dict[str, Callable[[], Any]] = {}
+"""Path -> a factory of that path's :class:`Dialect` (one per connection)."""
 """Path → dialect factory. Filled by :func:`load_dialects`."""
 
 
@@ -176,7 +178,7 @@ class DialectConnection:
                 raise ConfigError("", f"no audio in the first {max_early} messages to tell its format from")
             try:
                 self._early.append(await asyncio.wait_for(self.ws.recv(), timeout))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ConfigError("", f"no audio within {timeout:g} s to tell its format from") from None
             except ConnectionClosed:
                 return None
@@ -239,5 +241,18 @@ class DialectConnection:
         return self.ws.remote_address
 
 
-__all__ = ["BadMessage", "CHUNK_BYTES", "ConnectionClosed", "DIALECTS", "DeferredDialect", "Dialect",
-           "DialectConnection", "audio_frames", "decode_base64", "load_dialects", "parse_json_object", "query_flag", "scrub"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DIALECTS",
+    "BadMessage",
+    "ConnectionClosed",
+    "DeferredDialect",
+    "Dialect",
+    "DialectConnection",
+    "audio_frames",
+    "decode_base64",
+    "load_dialects",
+    "parse_json_object",
+    "query_flag",
+    "scrub",
+]

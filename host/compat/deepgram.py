@@ -39,8 +39,9 @@ import hashlib
 import re
 import struct
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import host
 from host.compat import DIALECTS, BadMessage, parse_json_object, query_flag
@@ -225,7 +226,8 @@ class DeepgramDialect:
         return []  # warning: Deepgram has no such message
 
     def _final(self, message: dict[str, Any]) -> list[dict[str, Any]]:
-        span = self._span.pop(message.get("utterance_id"), None)
+        uid: Any = message.get("utterance_id")
+        span = self._span.pop(uid, None)
         start = span[0] if span else float(message.get("start", 0.0))
         end = max(span[1] if span else 0.0, float(message.get("end", 0.0)))
         from_finalize = self._finalizing > 0
@@ -277,7 +279,7 @@ class DeepgramDialect:
     def _metadata(self, duration: float) -> dict[str, Any]:
         return {"type": "Metadata", "transaction_key": "deprecated", "request_id": self.request_id,
                 "sha256": self._audio.hexdigest(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "created": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "duration": duration, "channels": self.channels, "models": [self.model_uuid],
                 "model_info": {self.model_uuid: dict(self.model_info)}}
 
@@ -296,7 +298,7 @@ def _wav_header(data: bytes) -> tuple[str, int, int, int] | None:
     ``None`` when more bytes are needed; :class:`ConfigError` when it is not WAV or not a format
     the session decodes.
     """
-    if len(data) >= 4 and data[:4] != b"RIFF" or len(data) >= 12 and data[8:12] != b"WAVE":
+    if (len(data) >= 4 and data[:4] != b"RIFF") or (len(data) >= 12 and data[8:12] != b"WAVE"):
         raise ConfigError("encoding", "no encoding was given, so the audio must be a WAV stream, and it is not: "
                           "for raw audio pass encoding=linear16 (or linear32, mulaw, alaw) and sample_rate")
     fmt, pos = None, 12

@@ -38,8 +38,9 @@ import math
 import re
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
 from host.protocol import ConfigError
@@ -187,7 +188,7 @@ class ElevenLabsDialect:
         if kind == "flush.done":
             return self._committed(self._pending.popleft()) if self._pending else []
         if kind == "error":
-            code = message.get("code")
+            code: Any = message.get("code")
             return [_error(ERRORS.get(code, "error"), message.get("message", ""))]
         if kind == "warning":
             return [{"message_type": "warning", "warning": message.get("message", "")}]
@@ -213,7 +214,7 @@ class ElevenLabsDialect:
         return []
 
     def _committed(self, segment: _Segment) -> list[dict[str, Any]]:
-        out = [{"message_type": "committed_transcript", "text": segment.text}]
+        out: list[dict[str, Any]] = [{"message_type": "committed_transcript", "text": segment.text}]
         if self.timestamps:
             language = next((f.get("language") for f in segment.finals if f.get("language")), None)
             out.append({"message_type": "committed_transcript_with_timestamps", "text": segment.text,

@@ -46,8 +46,9 @@ import json
 import re
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object
 from host.protocol import CLIENT_ERRORS, ConfigError, ErrorCode
@@ -201,7 +202,7 @@ class OpenAIRealtimeDialect:
         except ValueError:
             raise BadEvent("invalid_value", "Invalid 'audio': not valid base64-encoded audio.", "audio") from None
         self._buffered += len(data)
-        return audio_frames(data)
+        return [*audio_frames(data)]
 
     def _commit(self) -> tuple[list[str | bytes], list[dict[str, Any]]]:
         bps = FORMATS[self.format][2]
@@ -370,7 +371,7 @@ class OpenAIRealtimeDialect:
             return []
         cause = self._cause[0] if self._cause else None
         if cause == "input_audio_buffer.clear":
-            del self._vad_items[uid]  # cleared: never committed, never transcribed
+            self._vad_items.pop(item.uid, None)  # cleared: never committed, never transcribed
             return []
         item.committed = True
         self._buffered = 0
@@ -383,7 +384,8 @@ class OpenAIRealtimeDialect:
         return out + [self._committed_event(item)]
 
     def _partial(self, message: dict) -> list[dict[str, Any]]:
-        uid, text = message.get("utterance_id"), message.get("text") or ""
+        uid: Any = message.get("utterance_id")
+        text = message.get("text") or ""
         item = self._vad_items.get(uid)
         if item is not None:
             return self._delta(item, text)
@@ -394,7 +396,8 @@ class OpenAIRealtimeDialect:
         return self._delta(self._open, " ".join(t for t in [*self._open.finals, text] if t))
 
     def _final(self, message: dict) -> list[dict[str, Any]]:
-        uid, text = message.get("utterance_id"), message.get("text") or ""
+        uid: Any = message.get("utterance_id")
+        text = message.get("text") or ""
         item = self._vad_items.pop(uid, None)
         if item is not None:
             out = self._complete_empty(upto=uid)
@@ -515,7 +518,7 @@ def _object(value: Any, param: str) -> dict:
 
 
 def _ms(seconds: Any) -> int:
-    return int(round(float(seconds) * 1000))
+    return round(float(seconds) * 1000)
 
 
 DIALECTS[PATH] = OpenAIRealtimeDialect

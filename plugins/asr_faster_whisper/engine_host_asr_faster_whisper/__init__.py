@@ -105,7 +105,7 @@ def resolve_model_path(spec: str) -> Path:
         found = importlib.util.find_spec(module)
         if found is None or not found.submodule_search_locations:
             raise FileNotFoundError(f"{spec}: Python package {module!r} is not installed")
-        path = Path(list(found.submodule_search_locations)[0]) / sub
+        path = Path(next(iter(found.submodule_search_locations))) / sub
     else:
         path = Path(os.path.expanduser(spec))
     if not (path / "model.bin").is_file():
@@ -207,7 +207,7 @@ def build(options: dict, context) -> FasterWhisperEngine:
         key = ("faster-whisper", str(path), device, opts["device_index"], opts["compute_type"],
                opts["cpu_threads"], opts["num_workers"], bucket, opts["encoder_margin_s"])
 
-        def load(path=path, device=device, opts=opts):
+        def load(path=path, device=device, opts=opts, bucket=bucket):
             log.info("loading %s on %s (%s)", path, device, opts["compute_type"])
             model = WhisperModel(
                 str(path), device=device, device_index=opts["device_index"], compute_type=opts["compute_type"],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, fields
+from typing import Any, cast
 
 from host.contracts import SessionRecord, WorkerInfo, WorkerRecord, WorkerStatus
 from host.hookspecs import hookimpl
@@ -93,7 +94,8 @@ class RedisRegistry:
 
     async def register(self, info: WorkerInfo) -> None:
         self.worker_id = info.worker_id
-        fields = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in asdict(info).items()}
+        fields: dict[Any, Any] = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                                  for k, v in asdict(info).items()}
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(self._worker_key(), mapping=fields)
             pipe.pexpire(self._worker_key(), self.ttl_ms)
@@ -101,7 +103,7 @@ class RedisRegistry:
             await pipe.execute()
 
     async def heartbeat(self, status: WorkerStatus) -> None:
-        fields = {
+        fields: dict[Any, Any] = {
             "status": status.status,
             "active_sessions": str(status.active_sessions),
             "capacity": str(status.capacity),
@@ -118,7 +120,7 @@ class RedisRegistry:
             raise ConnectionError("worker record was missing in Redis")
 
     async def session_ended(self, record: SessionRecord) -> None:
-        fields = {k: "" if v is None else str(v) for k, v in asdict(record).items()}
+        fields: dict[Any, Any] = {k: "" if v is None else str(v) for k, v in asdict(record).items()}
         await self.client.xadd(f"{self.prefix}:sessions", fields, maxlen=self.max_records, approximate=True)
 
     async def deregister(self) -> None:
@@ -132,7 +134,7 @@ class RedisRegistry:
     # --- router side -------------------------------------------------------------
 
     async def workers(self) -> list[WorkerRecord]:
-        ids = sorted(await self.client.smembers(f"{self.prefix}:workers"))
+        ids = sorted(cast("set[str]", await self.client.smembers(f"{self.prefix}:workers")))  # decode_responses
         if not ids:
             return []
         now_ms = int(time.time() * 1000)
@@ -142,8 +144,8 @@ class RedisRegistry:
                 pipe.zcount(self._leases_key(worker_id), now_ms, "+inf")
             replies = await pipe.execute()
         records, gone = [], []
-        for worker_id, fields, leases in zip(ids, replies[::2], replies[1::2]):
-            record = _parse_worker(fields, leases) if fields else None
+        for worker_id, stored, leases in zip(ids, replies[::2], replies[1::2]):
+            record = _parse_worker(stored, leases) if stored else None
             if record is None:
                 gone.append(worker_id)
             else:
@@ -169,7 +171,7 @@ class RedisRegistry:
 def _parse_worker(h: dict[str, str], leases: int) -> WorkerRecord | None:
     """A worker hash as a :class:`WorkerRecord`; None when it is incomplete (e.g. half-written)."""
     try:
-        info = {}
+        info: dict[str, Any] = {}
         for f in fields(WorkerInfo):
             raw = h.get(f.name)
             if raw is None:
@@ -182,7 +184,7 @@ def _parse_worker(h: dict[str, str], leases: int) -> WorkerRecord | None:
         status = WorkerStatus(
             status=h.get("status", "starting"),
             active_sessions=int(h.get("active_sessions", "0")),
-            capacity=int(h.get("capacity", info["capacity"])),
+            capacity=int(h.get("capacity") or info["capacity"]),
             memory=json.loads(h.get("memory", "{}")),
         )
         return WorkerRecord(WorkerInfo(**info), status, float(h.get("last_heartbeat", "0")), leases)

@@ -41,7 +41,7 @@ def packaged_model(name: str) -> Path:
     spec = importlib.util.find_spec("silero_vad")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the silero-vad package is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the silero-vad package")
     return path
@@ -62,10 +62,10 @@ class OnnxSilero:
         self.session = onnxruntime.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
 
-    def open_stream(self) -> "OnnxStream":
+    def open_stream(self) -> OnnxStream:
         return OnnxStream(self)
 
-    def batch_probabilities(self, streams: list["OnnxStream"], windows: np.ndarray) -> np.ndarray:
+    def batch_probabilities(self, streams: list[OnnxStream], windows: np.ndarray) -> np.ndarray:
         """One window for each of several streams in one run: the model takes a batch dimension,
         and per-call overhead dominates a model this small."""
         x = np.concatenate([np.concatenate([s.context for s in streams]), windows], axis=1)
@@ -110,7 +110,7 @@ class JitSilero:
         self._lock = threading.Lock()
         torch.set_num_threads(1)
 
-    def open_stream(self) -> "JitStream":
+    def open_stream(self) -> JitStream:
         with self._lock:
             return JitStream(self._torch, self._torch.jit.load(str(self._path)))
 

@@ -47,7 +47,7 @@ class ConvLayer:
     dense: bool
 
     @classmethod
-    def build(cls, weight: np.ndarray, bias: np.ndarray, stride: int, t_in: int) -> "ConvLayer":
+    def build(cls, weight: np.ndarray, bias: np.ndarray, stride: int, t_in: int) -> ConvLayer:
         c_out, c_in, k = weight.shape
         if k != 3:
             raise UnsupportedModel(f"expected kernel 3 convolutions, got {k}")
@@ -95,7 +95,7 @@ class SileroWeights:
     b_out: np.float32
 
     @classmethod
-    def from_onnx(cls, path: Path) -> "SileroWeights":
+    def from_onnx(cls, path: Path) -> SileroWeights:
         """Read the weights of the 16 kHz branch of a Silero v5 ONNX file (needs the ``onnx`` package)."""
         import onnx
         from onnx import numpy_helper
@@ -185,13 +185,13 @@ class NumpySilero:
         self.weights = weights
 
     @classmethod
-    def load(cls, path: Path) -> "NumpySilero":
+    def load(cls, path: Path) -> NumpySilero:
         return cls(SileroWeights.from_onnx(path))
 
-    def open_stream(self) -> "NumpyStream":
+    def open_stream(self) -> NumpyStream:
         return NumpyStream(self)
 
-    def run_batch(self, streams: list["NumpyStream"], windows: list[np.ndarray]) -> list[np.ndarray]:
+    def run_batch(self, streams: list[NumpyStream], windows: list[np.ndarray]) -> list[np.ndarray]:
         """Advance each stream through its own windows (``(n_i, 512)`` each, n_i ≥ 0) and return
         their probabilities. A stream may appear only once per call."""
         counts = [len(w) for w in windows]
@@ -209,15 +209,15 @@ class NumpySilero:
                 stream.context = x[row + n - 1, -CONTEXT:].copy()
                 row += n
         hidden = self._recur(streams, counts, self._encode(x))
-        w = self.weights
-        probs = _sigmoid(np.maximum(hidden, 0) @ w.w_out + w.b_out)
+        weights = self.weights
+        probs = _sigmoid(np.maximum(hidden, 0) @ weights.w_out + weights.b_out)
         out, row = [], 0
         for n in counts:
             out.append(probs[row:row + n])
             row += n
         return out
 
-    def batch_probabilities(self, streams: list["NumpyStream"], windows: np.ndarray) -> np.ndarray:
+    def batch_probabilities(self, streams: list[NumpyStream], windows: np.ndarray) -> np.ndarray:
         """One window for each stream (the host's older batching contract)."""
         return np.concatenate(self.run_batch(streams, [row[None, :] for row in windows]))
 
@@ -237,7 +237,7 @@ class NumpySilero:
         gates += w.b
         return gates
 
-    def _recur(self, streams: list["NumpyStream"], counts: list[int], gates: np.ndarray) -> np.ndarray:
+    def _recur(self, streams: list[NumpyStream], counts: list[int], gates: np.ndarray) -> np.ndarray:
         """Step the LSTM through each stream's windows, all streams together; the hidden state
         after every window, ``(n, 128)`` in the rows of ``gates``."""
         w_hh = self.weights.w_hh
