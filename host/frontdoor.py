@@ -17,6 +17,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -37,9 +38,10 @@ MAX_QUEUE = 4
 websockets' default of 16, times the 4 MiB largest message, let one connection that the server
 was closing pin 64-72 MiB (measured: 20 such connections took a worker from 568 to 1238 MB RSS)."""
 
-REFUSAL_CLOSE_TIMEOUT_S = 0.0
-"""A connection turned away (bad path, at capacity, draining) gets its close frame and its TCP
-connection is dropped at once: nothing it sends afterwards is read or buffered."""
+REFUSAL_CLOSE_TIMEOUT_S = 2.0
+"""A connection turned away (bad path, at capacity, draining, invalid config) or presumed gone (idle
+timeout) gets its close frame and the server's FIN at once; whatever it sends afterwards is read and
+dropped unbuffered, and the socket is cut this long after if the peer never closes its side."""
 
 
 def check_request(request: Request, peer: str) -> Response | None:
@@ -118,15 +120,22 @@ class FrontDoorConnection(ServerConnection):
 
 
 async def close_now(ws: Any, code: int, reason: str = "") -> None:
-    """Send the close frame and drop the TCP connection without waiting for the peer's reply.
+    """Close without waiting on the peer: send the close frame and FIN, then discard what it sends.
 
-    For connections turned away and peers presumed gone (idle timeout): waiting up to the
-    close timeout for a reply kept a capacity slot, or up to 72 MiB of pushed frames, for 10 s."""
+    This is websockets' "fail the connection" (RFC 6455 §7.1.7), with a close code the client sees.
+    Waiting for the peer's close frame instead kept a capacity slot, or up to 72 MiB of frames the
+    peer pushed meanwhile, for the 10 s close timeout. Aborting the socket instead (the first
+    version) made the kernel answer a client that was still sending audio with a reset, which can
+    destroy the close frame and the error before it: a legitimate client then saw 1006 and no
+    ``invalid_config``."""
     inner = getattr(ws, "ws", ws)  # a dialect connection wraps the socket
     inner.close_timeout = REFUSAL_CLOSE_TIMEOUT_S
     try:
-        await inner.close(code, reason)
-    except Exception:  # noqa: BLE001 - the connection is gone either way, which was the goal
+        async with inner.send_context():
+            inner.protocol.fail(code, reason)
+    except ConnectionClosed:
+        pass  # closed, which was the goal
+    except Exception:  # noqa: BLE001 - the connection is gone either way
         pass
 
 

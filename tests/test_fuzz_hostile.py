@@ -98,14 +98,18 @@ async def storm(r: random.Random, w, clips) -> str:
     await asyncio.sleep(r.uniform(1, 4))
     stop.set()
     got = await asyncio.wait_for(task, 120)
-    assert got.end is not None and got.flush_done == got.flushes, got
+    # Every flush is answered, unless an overloaded worker cut the storm with its lag budget.
+    assert got.end is not None, got
+    assert got.flush_done == got.flushes or (got.close_code == 1013 and "processing_lag" in got.errors), got
     return "flush_storm"
 
 
 async def upload(r: random.Random, w, clips) -> str:
     audio = concat(*[part for c in r.sample(clips, 3) for part in (c, silence(0.3))])
     got = await upload_loop(session_url(w.url, interim_results=False), audio, asyncio.Event(), once=True)
-    assert got.ended == 1 and not got.errors, got
+    # An upload is served after the real-time sessions; on an overloaded machine (CI's, with a CPU
+    # hog) its finals may wait past the lag budget, which ends it cleanly: session.end, no other error.
+    assert got.ended == 1 and set(got.errors) <= {"processing_lag"}, got
     return "upload"
 
 

@@ -183,7 +183,7 @@ class DialectConnection:
             except ConnectionClosed:
                 return None
             self.last_activity = time.monotonic()
-            native = self.dialect.configure_early(list(self._early))  # type: ignore[attr-defined]
+            native = self.dialect.configure_early(list(self._early))
         return native
 
     async def __aiter__(self) -> AsyncIterator[str | bytes]:
