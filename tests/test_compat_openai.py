@@ -331,7 +331,7 @@ def test_empty_and_failed_turns_are_completed():
         ids.append(d.outgoing({"type": "vad.speech_start", "timestamp": uid})[0]["item_id"])
         d.outgoing({"type": "vad.speech_end", "timestamp": uid + 0.5})
     # Utterance 0 was empty (no final); utterance 1 failed; utterance 2 has a final.
-    out = d.outgoing({"type": "error", "code": "internal_error", "recoverable": True,
+    out = d.outgoing({"type": "error", "code": "internal_error", "recoverable": True, "utterance_id": 1,
                       "message": "transcription of utterance 1 failed: RuntimeError"})
     assert [(e["type"], e["item_id"]) for e in out] == [(COMPLETED, ids[0]),
                                                         ("conversation.item.input_audio_transcription.failed", ids[1])]
