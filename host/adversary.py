@@ -33,6 +33,8 @@ class StormReport:
     end: dict[str, Any] | None = None
     close_code: int | None = None
     """How the worker closed the session (1000 after ``end``; 1013 if it cut the storm)."""
+    refused: bool = False
+    """The worker turned the session away before it began (e.g. 1013 at capacity)."""
 
 
 async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit: int = 100_000,
@@ -41,7 +43,11 @@ async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit:
     (or ``limit`` flushes), then send ``end`` and wait for ``session.end``."""
     got = StormReport()
     async with connect(url, additional_headers=headers, max_size=None) as ws:
-        begin = json.loads(await ws.recv())
+        try:
+            begin = json.loads(await ws.recv())
+        except ConnectionClosed as exc:
+            got.refused, got.close_code = True, exc.rcvd.code if exc.rcvd else None
+            return got
         if begin.get("type") != "session.begin":
             raise RuntimeError(f"the storm's session did not begin: {begin}")
 
@@ -83,6 +89,8 @@ class UploadReport:
     finals: int = 0
     errors: list[str] = field(default_factory=list)
     ended: int = 0
+    refused: int = 0
+    """Uploads turned away before their session began (e.g. 1013 at capacity)."""
 
 
 async def upload_loop(url: str, audio: Audio, stop: asyncio.Event, once: bool = False) -> UploadReport:
@@ -95,6 +103,7 @@ async def upload_loop(url: str, audio: Audio, stop: asyncio.Event, once: bool = 
         got.finals += len(result.finals)
         got.errors += [e["code"] for e in result.of("error")]
         got.ended += result.end is not None
+        got.refused += not result.of("session.begin")
         if once:
             break
     return got
