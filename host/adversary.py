@@ -94,16 +94,19 @@ class UploadReport:
 
 
 async def upload_loop(url: str, audio: Audio, stop: asyncio.Event, once: bool = False) -> UploadReport:
-    """Stream ``audio`` to ``url`` as fast as possible, again and again until ``stop`` (or once)."""
+    """Stream ``audio`` to ``url`` as fast as possible, again and again until ``stop`` (or once).
+    A client turned away (no ``session.begin``, e.g. 1013 at capacity) gives up rather than retry."""
     got = UploadReport()
     while not stop.is_set():
         result = await stream(url, audio, speed=None)
+        if not result.of("session.begin"):
+            got.refused += 1
+            break
         got.uploads += 1
         got.audio_seconds += audio.seconds
         got.finals += len(result.finals)
         got.errors += [e["code"] for e in result.of("error")]
         got.ended += result.end is not None
-        got.refused += not result.of("session.begin")
         if once:
             break
     return got

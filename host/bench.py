@@ -301,15 +301,19 @@ def start_adversaries(url: str, items: list[Item], args, stop: asyncio.Event) ->
     """``--flood`` flush storms and ``--uploads`` clients that upload the manifest's audio again and
     again, beside the measured streams until ``stop``; the task's result sums up what they got."""
     storms = [adversary.flush_storm(session_url(url, enable_vad=False), stop) for _ in range(args.flood)]
-    recording = concat(*[part for it in items for part in (it.audio, silence(0.5))])
-    uploads = [adversary.upload_loop(session_url(url, interim_results=False), recording, stop)
-               for _ in range(args.uploads)]
+    uploads = []
+    if args.uploads:
+        recording = concat(*[part for it in items for part in (it.audio, silence(0.5))])
+        uploads = [adversary.upload_loop(session_url(url, interim_results=False), recording, stop)
+                   for _ in range(args.uploads)]
 
     async def run() -> dict[str, Any]:
         if not storms and not uploads:
             return {}
-        storm_reports = await asyncio.gather(*storms)
-        return adversary.summary(list(storm_reports), list(await asyncio.gather(*uploads)))
+        # Both kinds start now, beside the measured streams (awaiting one list first would hold the other).
+        storm_tasks = [asyncio.create_task(c) for c in storms]
+        upload_tasks = [asyncio.create_task(c) for c in uploads]
+        return adversary.summary(list(await asyncio.gather(*storm_tasks)), list(await asyncio.gather(*upload_tasks)))
 
     return asyncio.create_task(run())
 
@@ -349,7 +353,8 @@ def main(args) -> int:
     levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.streams]
     worker, url, startup = None, args.url, None
     if not url:
-        worker, url, startup = start_worker(args.engines_dir, max(levels))
+        # Room for the adversaries too: they are there to compete for the decoders, not to be refused.
+        worker, url, startup = start_worker(args.engines_dir, max(levels) + args.flood + args.uploads)
     proc = psutil.Process(worker.pid if worker else args.pid) if (worker or args.pid) else None
     try:
         engine = fetch_engine(url, args.engine)
