@@ -96,9 +96,6 @@ class InferenceQueue:
         self._workers: list[threading.Thread] = []
         self._stopping = False
         self.busy = 0
-        self._waiting = {p: 0 for p in KIND_NAMES}  # real-time jobs waiting, per kind
-        self._waiting_bulk = 0
-        self._count_lock = self._cv  # one lock guards the queue and its counters
         self.usage = {p: JobUsage() for p in KIND_NAMES}
         """Per priority: seconds the threads spent running its jobs; jobs run, skipped and withdrawn."""
 
@@ -133,7 +130,7 @@ class InferenceQueue:
     def depth(self) -> int:
         """Jobs waiting (not yet running), bulk ones included."""
         with self._cv:
-            return sum(self._waiting.values()) + self._waiting_bulk
+            return sum(self._queued(level) for level in range(_LEVELS))
 
     def submit(self, fn: Callable[[], Any], priority: int = FINAL, stale: Callable[[], bool] | None = None,
                owner: Hashable = None, bulk: bool = False) -> Ticket:
@@ -153,17 +150,24 @@ class InferenceQueue:
                 self._served[owner] = min(self._served.values(), default=0.0)
             self._holding[owner] = self._holding.get(owner, 0) + 1
             self._levels[job.level].setdefault(owner, deque()).append(job)
-            if bulk:
-                self._waiting_bulk += 1
-            else:
-                self._waiting[priority] += 1
             self._cv.notify()
         return Ticket(job)
 
     def waiting(self, up_to_priority: int) -> int:
         """Real-time sessions' jobs waiting whose priority is ``up_to_priority`` or more urgent."""
         with self._cv:
-            return sum(n for p, n in self._waiting.items() if p <= up_to_priority)
+            return sum(self._queued(p) for p in KIND_NAMES if p <= up_to_priority)
+
+    def waiting_by_kind(self) -> dict[str, int]:
+        """Jobs waiting per kind name, real-time sessions' ones; uploads' jobs together as ``bulk``."""
+        with self._cv:
+            counts = {name: self._queued(p) for p, name in KIND_NAMES.items()}
+            counts["bulk"] = sum(self._queued(p + len(KIND_NAMES)) for p in KIND_NAMES)
+            return counts
+
+    def _queued(self, level: int) -> int:
+        """Jobs waiting at one level (caller holds the lock)."""
+        return sum(len(jobs) for jobs in self._levels[level].values())
 
     def _take(self) -> _Job | None:
         """The next job by priority, then least-served owner, then age, skipping owners that hold
@@ -180,10 +184,6 @@ class InferenceQueue:
         job = jobs.popleft()
         if not jobs:
             del level[owner]
-        if job.bulk:
-            self._waiting_bulk -= 1
-        else:
-            self._waiting[job.priority] -= 1
         self._running[owner] = self._running.get(owner, 0) + 1
         return job
 
@@ -290,17 +290,14 @@ class Scheduler:
         """Jobs waiting per (queue name, priority name), for metrics."""
         out = {}
         for q in self.queues.values():
-            with q._count_lock:
-                counts = dict(q._waiting)
-                counts[-1] = q._waiting_bulk
-            out.update({(q.name, KIND_NAMES.get(p, "bulk")): n for p, n in counts.items()})
+            out.update({(q.name, kind): n for kind, n in q.waiting_by_kind().items()})
         return out
 
     def usage(self) -> dict[tuple[str, str], JobUsage]:
         """A copy of each queue's :class:`JobUsage` per (queue name, priority name), for metrics."""
         out = {}
         for q in self.queues.values():
-            with q._count_lock:
+            with q._cv:
                 out.update({(q.name, KIND_NAMES[p]): replace(u) for p, u in q.usage.items()})
         return out
 
