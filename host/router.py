@@ -52,7 +52,7 @@ from host.frontdoor import (
 from host.plugins import PluginSet, load_plugins
 from host.protocol import ENCODINGS, ConfigError, ErrorCode
 from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.sender import send_message
+from host.sender import refuse_config
 from host.settings import RouterSettings
 from host.static import load_static
 
@@ -365,7 +365,7 @@ class Router:
             try:
                 native = await client.open(query)
             except ConfigError as exc:
-                await _refuse_config(client, exc)
+                await refuse_config(client, exc)
                 return
             if native is None:
                 return  # the client left before its audio showed the format
@@ -522,13 +522,6 @@ def forwarded_headers(ws) -> list[tuple[str, str]]:
             headers.append((name, ws.request.headers[name]))
     return headers
 
-
-async def _refuse_config(client, exc: ConfigError) -> None:
-    try:
-        await send_message(client, msg.error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False, param=exc.param))
-    except ConnectionClosed:
-        return
-    await close_now(client, *msg.INVALID_CONFIG)
 
 
 async def run_router(settings: RouterSettings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Router:

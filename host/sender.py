@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from host.frontdoor import close_now
-from host.protocol import Close
+from host.protocol import INVALID_CONFIG, Close, ConfigError, ErrorCode, error
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +70,13 @@ async def send_message(ws: Any, message: dict[str, Any]) -> None:
         await ws.send(json.dumps(message, ensure_ascii=False))
     except UnicodeEncodeError:  # lone surrogates echoed from client input: send them escaped
         await ws.send(json.dumps(message))
+
+
+async def refuse_config(conn: Any, exc: ConfigError) -> None:
+    """Turn a session away for a bad connect-time parameter: a non-recoverable ``invalid_config``
+    naming it, then close 1008 (worker and router alike)."""
+    try:
+        await send_message(conn, error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False, param=exc.param))
+    except ConnectionClosed:
+        pass  # the close below finds the connection gone
+    await close_now(conn, *INVALID_CONFIG)

@@ -20,7 +20,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from host import __version__
@@ -45,11 +44,11 @@ from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from host.metrics import Metrics
 from host.models import ModelManager, trim_memory_loop
 from host.plugins import PluginSet, load_plugins
-from host.protocol import ConfigError, ErrorCode
+from host.protocol import ConfigError
 from host.recording import SessionRecorder, retention_loop
 from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
 from host.scheduler import Scheduler
-from host.sender import send_message
+from host.sender import refuse_config
 from host.session import Session, SessionServices
 from host.session_config import parse_session_config, pick_engine
 from host.settings import Settings
@@ -250,7 +249,7 @@ class Worker:
             request.clear()
             try:
                 await self.reload()
-            except Exception:
+            except Exception:  # a failed reload must leave the worker serving
                 log.exception("engine reload failed; the previous engines keep serving")
 
     @property
@@ -406,12 +405,7 @@ class Worker:
         except ConfigError as exc:
             self.metrics.refused.labels("invalid_config").inc()
             self.metrics.errors.labels("invalid_config").inc()
-            try:
-                await send_message(conn, msg.error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False,
-                                                   param=exc.param))
-            except ConnectionClosed:
-                pass
-            await close_now(conn, *msg.INVALID_CONFIG)
+            await refuse_config(conn, exc)
             return None
         return Session(conn, engine, config, self.services)
 
