@@ -137,7 +137,7 @@ def cmd_serve(args) -> int:
     except (StartupError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    except Exception as exc:
+    except Exception as exc:  # e.g. a model failing to load: one clear line, not a traceback wall
         from host.models import ComponentError
 
         if isinstance(exc, ComponentError):

@@ -181,9 +181,6 @@ def session_end_of(session_id: str | None, total_duration: float, speech_duratio
 
 # --- client -> server messages ----------------------------------------------------------------
 
-CONTROL_TYPES = ("config", "flush", "clear", "end")
-"""The ``type`` of each JSON control message a client may send."""
-
 MAX_JSON_DEPTH = 64
 """Control messages are flat; deeper JSON is refused before parsing, so the answer does not depend
 on how much of Python's recursion limit the call stack has used."""

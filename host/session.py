@@ -146,7 +146,7 @@ class Session:
                     await self._on_text(message)
                 if self._finished:
                     break
-        except Exception as exc:
+        except Exception as exc:  # the connection dropping is handled below too
             if not _is_disconnect(exc):
                 log.exception("session %s failed", self.id)
                 self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
@@ -171,8 +171,8 @@ class Session:
     async def finish(self, close: Close = msg.NORMAL, linger: bool = True) -> None:
         """Finalize open speech, wait for every final, send session.end and close.
 
-        ``linger=False`` drops the TCP connection right after the close frame instead of waiting
-        for the peer's reply (a peer presumed gone). Idempotent: later and concurrent callers wait
+        ``linger=False`` sends the close frame and FIN without waiting for the peer's reply (a peer
+        presumed gone; see :func:`host.frontdoor.close_now`). Idempotent: later and concurrent callers wait
         for the first one's work, which cancelling a waiter does not interrupt."""
         if self._finishing is None:
             self._finishing = asyncio.ensure_future(self._finish(close, linger))
@@ -188,7 +188,7 @@ class Session:
                 if tail.size:
                     await self._process(tail)
                 await self._handle(self.vad.flush())
-            except Exception:
+            except Exception:  # still deliver what we have
                 log.exception("session %s: finalizing failed", self.id)
         if self._tail is not None:
             await self._tail
@@ -494,7 +494,7 @@ class Session:
             if not (self._abandoned and future.cancelled()):
                 raise
             return  # withdrawn by the lag budget after `end` (reported once, with the ids)
-        except Exception as exc:
+        except Exception as exc:  # one failed utterance must not end the session
             log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
             await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
                                f"{type(exc).__name__}", recoverable=True, utterance_id=utterance.id)
@@ -558,7 +558,7 @@ class Session:
                 await previous
             try:
                 await step
-            except Exception:
+            except Exception:  # keep the chain alive for later steps
                 log.exception("session %s: delivery step failed", self.id)
 
         self._tail = asyncio.create_task(run())

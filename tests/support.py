@@ -66,6 +66,19 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+def metrics(worker) -> dict[str, float]:
+    """A worker's /metrics as {"name{labels}": value}."""
+    with urllib.request.urlopen(worker.http + "/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 class ServedProcess:
     """An ``engine-host`` server command in a child process, logging to a file under ``tmp``."""
 

@@ -19,7 +19,6 @@ import os
 import random
 import socket
 import struct
-import urllib.request
 from collections import Counter
 
 import psutil
@@ -39,11 +38,6 @@ HOSTILE = 48
 MAX_RSS_GROWTH = 400 << 20
 """The worker's RSS may grow this much over its idle size: decoding buffers of eight sessions at once.
 Before the fix 20 connections pushing frames at a bad path alone added 365 MiB."""
-
-
-def health(worker) -> dict:
-    with urllib.request.urlopen(worker.http + "/health", timeout=10) as r:
-        return json.loads(r.read())
 
 
 # --- the hostile clients: each is bounded in time and size, and checks what it was answered ----------
@@ -263,7 +257,7 @@ def test_fuzz_hostile_clients_beside_legitimate_sessions(tmp_path, speech):
             legit_results = await asyncio.gather(*legit)
             ran = await hostile
             await asyncio.sleep(1.0)  # the last hostile client is gone: a second later...
-            held = health(worker)["active_sessions"]
+            held = worker.health()["active_sessions"]
             done.set()
             await watcher
             return legit_results, ran, held, peak[0]
@@ -279,7 +273,7 @@ def test_fuzz_hostile_clients_beside_legitimate_sessions(tmp_path, speech):
         assert peak - baseline < MAX_RSS_GROWTH, f"RSS grew {(peak - baseline) >> 20} MiB"
         assert sum(ran.values()) >= HOSTILE // 2, ran
         worker.wait_idle(timeout=120)
-        assert health(worker)["status"] == "healthy" and worker.proc.poll() is None
+        assert worker.health()["status"] == "healthy" and worker.proc.poll() is None
         assert "Traceback" not in worker.log(), f"FUZZ_SEED={seed}: the worker logged a Traceback"
     finally:
         worker.stop()

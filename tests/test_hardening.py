@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from host.client import concat, read_wav, session_url, silence, stream
 
-from .support import WorkerProcess, http_get
+from .support import WorkerProcess, http_get, metrics
 
 KEYS = ("key-one", "key-two")
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -32,18 +32,6 @@ def guarded(tmp_path_factory):
     log = w.log()
     assert "Traceback" not in log, log
     assert not any(k in log for k in KEYS), "an API key was logged"
-
-
-def metrics(worker) -> dict[str, float]:
-    with urllib.request.urlopen(worker.http + "/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def collect(ws) -> list[dict]:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import struct
 import threading
-import urllib.request
 
 import psutil
 import pytest
@@ -22,7 +21,7 @@ from host.client import concat, read_wav, session_url, silence, stream
 from host.scheduler import FINAL, PARTIAL, InferenceQueue
 from host.wer import word_errors
 
-from .support import WorkerProcess, client_frame, handshake, raw_exchange, read_frames_until_close
+from .support import WorkerProcess, client_frame, handshake, metrics, raw_exchange, read_frames_until_close
 
 KEY = "isolation-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -42,11 +41,6 @@ def shielded(tmp_path_factory):
     log = w.log()
     assert "Traceback" not in log, log
     assert KEY not in log, "the API key was logged"
-
-
-def health(worker) -> dict:
-    with urllib.request.urlopen(worker.http + "/health", timeout=10) as r:
-        return json.loads(r.read())
 
 
 # --- 2. malformed HTTP ----------------------------------------------------------------------
@@ -106,7 +100,7 @@ async def test_hostile_connections_before_auth_cost_little_memory(shielded):
     stop.set()
     await asyncio.gather(*clients)
     assert peak - before < 64 << 20, f"RSS grew {(peak - before) >> 20} MiB under 40 hostile connections"
-    assert health(shielded)["status"] == "healthy"
+    assert shielded.health()["status"] == "healthy"
 
 
 # --- 5. slots held after the client is gone ---------------------------------------------------
@@ -121,7 +115,7 @@ async def test_a_vanished_peer_gives_its_slot_back_at_the_idle_timeout(shielded)
         writer.write(handshake(f"/session?api_key={KEY}"))
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
         frames = await asyncio.wait_for(read_frames_until_close(reader), 60)
-        assert health(shielded)["active_sessions"] == 0
+        assert shielded.health()["active_sessions"] == 0
         assert await asyncio.wait_for(reader.read(), 60) == b"", "the server kept the TCP connection"
     finally:
         writer.close()
@@ -173,7 +167,7 @@ async def test_clients_that_drop_mid_utterance_give_slots_back_before_their_fina
         ws.transport.abort()
     samples = []
     for _ in range(3000):  # until every session has finished finalizing
-        h = health(shielded)
+        h = shielded.health()
         samples.append((h["active_sessions"], h["finalizing"]))
         if samples[-1] == (0, 0):
             break
@@ -215,9 +209,7 @@ def test_the_queue_is_fair_between_sessions_and_serves_uploads_last():
 
 def queued_decodes(worker) -> float:
     """Inference jobs waiting, all models and priorities (from /metrics)."""
-    with urllib.request.urlopen(worker.http + "/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith("engine_host_queue_depth{"))
+    return sum(v for k, v in metrics(worker).items() if k.startswith("engine_host_queue_depth{"))
 
 
 async def sample_queue(worker, done: asyncio.Event) -> list[float]:
