@@ -6,7 +6,7 @@ host, it only has to provide these methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -66,14 +66,49 @@ class Segment:
     """Word times are session time."""
 
 
+@dataclass(frozen=True)
+class SessionOptions:
+    """What one session asked for, as a stage sees it (contract v2).
+
+    ``config`` is the session's configuration validated against the engine's ``config_schema``
+    with defaults applied: the core parameters (``model``, ``language``, ...) and every parameter
+    the engine declares for itself (a ``prompt``, ``keyterms``, a ``language_policy``...). It is
+    exactly the ``config`` object ``session.begin`` echoes.
+    """
+
+    config: Mapping[str, Any] = field(default_factory=dict)
+    previous_text: str = ""
+    """The text of the session's previous final (empty for the first), for models that take context."""
+    session_id: str = ""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """One parameter of the session's configuration."""
+        return self.config.get(name, default)
+
+
+@dataclass(frozen=True)
+class TranscribeRequest:
+    """One transcription, as :meth:`AsrModel.transcribe_many` receives it."""
+
+    audio: np.ndarray
+    """float32 16 kHz mono."""
+    language: str | None
+    word_timestamps: bool
+    partial: bool = False
+    options: SessionOptions = field(default_factory=SessionOptions)
+
+
 @dataclass
 class LoadContext:
     """Passed to every factory at start-up."""
 
     shared: Callable[[tuple, Callable[[], Any]], Any]
     """``shared(key, loader)`` returns one object per key across all engines, so two
-    variants (or engines) naming the same model load it once."""
+    variants (or engines) naming the same model load it once. Keys are kept per plugin:
+    two plugins using the same key get two objects."""
     engine_id: str
+    plugin: str = ""
+    """The name of the plugin whose factory is called (its entry point name)."""
 
 
 @dataclass
@@ -209,7 +244,18 @@ class VadModel(Protocol):
 
 @runtime_checkable
 class AsrModel(Protocol):
-    """One model variant of an ASR engine, ready to transcribe."""
+    """One model variant of an ASR engine, ready to transcribe.
+
+    Optional, checked and used by the host when present (see docs/plugins.md):
+
+    - ``languages: Sequence[str]``: the languages the model can transcribe (ISO codes, or
+      ``["*"]`` for any). An engine.yaml whose ``capabilities.languages`` names another does not load.
+    - ``transcribe`` may take an ``options`` keyword: it then receives the session's
+      :class:`SessionOptions` (per-session parameters such as a prompt).
+    - ``transcribe_many(requests: list[TranscribeRequest]) -> list[AsrResult]`` (with an optional
+      ``max_batch: int``, default 8): the scheduler then decodes several waiting utterances, of
+      several sessions, in one call.
+    """
 
     key: tuple
     """Identifies the loaded weights; variants with the same key share one inference queue."""
@@ -233,7 +279,9 @@ class AsrEngine(Protocol):
     variants: dict[str, AsrModel]
 
     def memory(self) -> dict[str, Any]:
-        """Memory the loaded models use, e.g. ``{"device": "cpu"}`` or GPU figures."""
+        """What the loaded models use, as a JSON object, e.g. ``{"devices": ["cuda:0"], "bytes": 1.5e9}``.
+
+        Optional. The worker shows it per engine in ``/health`` (``engines.<id>.memory``)."""
         ...
 
 

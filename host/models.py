@@ -19,10 +19,11 @@ from typing import Any
 
 import psutil
 
+from host import asr
 from host.contracts import AsrEngine, Assembler, LoadContext, VadModel
 from host.endpointing import EndpointingOptions
-from host.engines import EngineSpec
-from host.plugins import PluginSet
+from host.engines import STAGES, EngineSpec
+from host.plugins import Component, PluginSet
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,35 @@ class LoadedEngine:
     load_seconds: float = 0.0
     shared_keys: frozenset = frozenset()
     """Keys of :meth:`ModelManager.shared` objects this engine uses (kept alive while it is loaded)."""
+    components: dict[str, Component] = field(default_factory=dict)
+    """The registered component that serves each stage (``vad``, ``asr``, ``assembler``)."""
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    def component(self, stage: str) -> str:
+        """Who serves ``stage``, for errors and logs: ``asr 'faster-whisper' (plugin asr_faster_whisper)``."""
+        c = self.components.get(stage)
+        return c.label if c is not None else f"{stage} {self.spec.pipeline[stage].plugin!r}"
+
+    def describe(self) -> dict[str, Any]:
+        """The ``/engines`` entry: the engine.yaml description plus which plugin serves each stage."""
+        out = self.spec.describe()
+        out["status"] = "ready"
+        out["pipeline"] = {stage: {"component": c.name, "plugin": c.plugin} for stage, c in self.components.items()}
+        return out
+
+    def memory(self) -> dict[str, Any] | None:
+        """What the ASR engine reports it uses (its optional ``memory()``), or None."""
+        report = getattr(self.asr, "memory", None)
+        if not callable(report):
+            return None
+        try:
+            value = report()
+        except Exception as exc:  # noqa: BLE001 - a broken report must not break /health
+            return {"error": f"{self.component('asr')}: memory() raised {type(exc).__name__}: {exc}"}
+        return value if isinstance(value, dict) else {"error": f"memory() returned {type(value).__name__}, not a dict"}
 
 
 @dataclass(frozen=True)
@@ -141,29 +167,18 @@ class ModelManager:
     def _build(self, spec: EngineSpec) -> LoadedEngine:
         t0 = time.perf_counter()
         used: set = set()
-
-        def shared(key: tuple, loader: Callable[[], Any]) -> Any:
-            used.add(key)
-            return self.shared(key, loader)
-
-        context = LoadContext(shared=shared, engine_id=spec.id)
-        built = {}
-        for stage in ("vad", "asr", "assembler"):
-            st = spec.pipeline[stage]
-            component = self.plugins.component(stage, st.plugin)
+        built: dict[str, Any] = {}
+        components: dict[str, Component] = {}
+        for stage in STAGES:
+            component = self.plugins.component(stage, spec.pipeline[stage].plugin)
             assert component is not None, "engine validation checked that the plugin exists"
-            try:
-                built[stage] = component.factory(dict(st.options), context)
-            except Exception as exc:
-                raise ComponentError(
-                    f"engine {spec.id!r} ({spec.file}): {stage} plugin {st.plugin!r} "
-                    f"from {component.plugin!r} failed to load: {type(exc).__name__}: {exc}"
-                ) from exc
-        missing = [v for v in spec.models if v not in built["asr"].variants]
-        if missing:
-            raise ComponentError(f"engine {spec.id!r}: ASR plugin did not provide variants {missing}")
+            components[stage] = component
+            built[stage] = self._make(spec, stage, component, used)
+        for stage, problem in check_contracts(spec, built):
+            raise ComponentError(f"engine {spec.id!r} ({spec.file}): {components[stage].label}: {problem}")
         seconds = time.perf_counter() - t0
-        log.info("engine %s loaded in %.2f s (variants: %s)", spec.id, seconds, ", ".join(spec.models))
+        log.info("engine %s loaded in %.2f s (variants: %s; %s)", spec.id, seconds, ", ".join(spec.models),
+                 ", ".join(c.label for c in components.values()))
         return LoadedEngine(
             spec=spec,
             vad=built["vad"],
@@ -172,7 +187,25 @@ class ModelManager:
             assembler=built["assembler"],
             load_seconds=seconds,
             shared_keys=frozenset(used),
+            components=components,
         )
+
+    def _make(self, spec: EngineSpec, stage: str, component: Component, used: set) -> Any:
+        """Call one stage's factory; its ``shared`` keys are kept apart from other plugins' ones."""
+
+        def shared(key: tuple, loader: Callable[[], Any]) -> Any:
+            namespaced = (component.plugin, *key) if isinstance(key, tuple) else (component.plugin, key)
+            used.add(namespaced)
+            return self.shared(namespaced, loader)
+
+        context = LoadContext(shared=shared, engine_id=spec.id, plugin=component.plugin)
+        try:
+            return component.factory(dict(spec.pipeline[stage].options), context)
+        except Exception as exc:
+            raise ComponentError(
+                f"engine {spec.id!r} ({spec.file}): {stage} plugin {component.name!r} "
+                f"from {component.plugin!r} failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def memory(self) -> dict[str, Any]:
         """Process RSS always; GPU memory per device through NVML when a GPU is present."""
@@ -181,6 +214,55 @@ class ModelManager:
         if gpus:
             report["gpus"] = gpus
         return report
+
+
+def check_contracts(spec: EngineSpec, built: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the built components lack of their contracts, as (stage, problem); empty when all keep them.
+
+    Checked once at load, so that a component missing a method fails its engine with a clear
+    reason instead of failing the first session that needs it."""
+    problems: list[tuple[str, str]] = []
+    vad = built["vad"]
+    window = getattr(vad, "window_samples", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        problems.append(("vad", f"window_samples must be a positive int, got {window!r}"))
+    if not callable(getattr(vad, "open_stream", None)):
+        problems.append(("vad", "has no open_stream()"))
+    if not callable(getattr(built["assembler"], "open_session", None)):
+        problems.append(("assembler", "has no open_session()"))
+    variants = getattr(built["asr"], "variants", None)
+    if not isinstance(variants, dict):
+        return [*problems, ("asr", f"variants must be a dict of model variants, got {type(variants).__name__}")]
+    missing = [v for v in spec.models if v not in variants]
+    if missing:
+        problems.append(("asr", f"did not provide variants {missing}"))
+    for name in spec.models:
+        if name in variants:
+            problems += [("asr", f"variant {name!r}: {p}") for p in _asr_model_problems(variants[name], spec)]
+    return problems
+
+
+def _asr_model_problems(model: Any, spec: EngineSpec) -> list[str]:
+    problems = []
+    if not callable(getattr(model, "transcribe", None)):
+        problems.append("has no transcribe()")
+    try:
+        hash(model.key)
+    except (AttributeError, TypeError):
+        problems.append("key must be a hashable value (a tuple naming the loaded weights)")
+    parallelism = getattr(model, "parallelism", None)
+    if not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 1:
+        problems.append(f"parallelism must be a positive int, got {parallelism!r}")
+    try:
+        unsupported = asr.unsupported_languages(spec.languages, model)
+    except ValueError as exc:
+        return [*problems, str(exc)]
+    if unsupported:
+        served = sorted(asr.model_languages(model) or [])
+        shown = ", ".join(served[:12]) + (f", ... ({len(served)} in all)" if len(served) > 12 else "")
+        problems.append(f"capabilities.languages names {unsupported}, which the model does not transcribe "
+                        f"(it declares: {shown})")
+    return problems
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -37,6 +37,11 @@ class Component:
     options_schema: dict
     plugin: str
 
+    @property
+    def label(self) -> str:
+        """How errors and logs name it: ``asr 'faster-whisper' (plugin asr_faster_whisper)``."""
+        return f"{self.kind} {self.name!r} (plugin {self.plugin})"
+
 
 @dataclass
 class PluginInfo:

