@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate engine.yaml files without serving (exit 1 on error)")
     p.add_argument("dir", nargs="?", type=Path, default=None, help="a directory or one .yaml file")
+    p.add_argument("--load", action="store_true",
+                   help="also build every valid engine (load its models) and check its components against "
+                        "their contracts and the languages they declare")
     p.set_defaults(run=cmd_validate)
 
     p = sub.add_parser("transcribe", help="stream a WAV file (or the microphone) to a server and print the transcript")
@@ -231,12 +234,34 @@ def cmd_validate(args) -> int:
         engines = [spec] if spec else []
     else:
         engines, errors = load_engines(target, plugins)
+    failed = _load_failures(engines, plugins) if args.load and engines else {}
     for e in engines:
-        print(f"ok     {e.file}  ({e.id}: {', '.join(e.models)})")
+        if e.id in failed:
+            print(f"error  {e.file}: does not load: {failed[e.id]}")
+        else:
+            print(f"{'loaded' if args.load else 'ok    '} {e.file}  ({e.id}: {', '.join(e.models)})")
     for problem in errors:
         print(f"error  {problem}")
-    print(f"{len(engines)} valid, {len(errors)} error(s)")
-    return 1 if errors else 0
+    print(f"{len(engines) - len(failed)} valid, {len(errors) + len(failed)} error(s)")
+    return 1 if errors or failed else 0
+
+
+def _load_failures(engines, plugins) -> dict[str, str]:
+    """Build each engine as ``serve`` would; the reason of each one that fails, by engine id."""
+    import asyncio
+    import logging
+
+    from host.models import ComponentError, ModelManager
+
+    manager = ModelManager(plugins)
+    logging.disable(logging.ERROR)  # each failure is printed once below, not logged as well
+    try:
+        asyncio.run(manager.load(engines))
+    except ComponentError:
+        pass  # none loaded: every one is in manager.failed
+    finally:
+        logging.disable(logging.NOTSET)
+    return {engine_id: f.reason for engine_id, f in manager.failed.items()}
 
 
 def cmd_bench(args) -> int:

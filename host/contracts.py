@@ -286,6 +286,22 @@ class AsrEngine(Protocol):
 
 
 @runtime_checkable
+class TurnDetector(Protocol):
+    """A loaded turn detector (``pipeline.turn``), shared by all sessions of an engine.
+
+    It answers one question at a pause in speech: has the speaker finished their turn, or only
+    paused mid-sentence? A semantic model (Smart Turn) hears intonation and an unfinished phrase,
+    which silence length alone cannot.
+    """
+
+    def probability(self, audio: np.ndarray) -> float:
+        """Probability (0-1) that the turn is complete, given float32 16 kHz mono ``audio`` of the
+        open turn up to now (the host passes at most the last ``max_audio_s`` seconds when the
+        detector has that attribute). Blocking; the host calls it off the event loop."""
+        ...
+
+
+@runtime_checkable
 class TranscriptBuilder(Protocol):
     """Per-session assembler state."""
 

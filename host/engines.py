@@ -21,6 +21,11 @@ from host.plugins import PluginSet
 from host.schemas import Validator, json_path, problems, with_defaults
 
 STAGES = ("vad", "asr", "assembler")
+"""Stages every engine has (the assembler defaults to ``default``)."""
+OPTIONAL_STAGES = ("turn",)
+"""Stages an engine may add: ``turn`` names a turn detector."""
+COMPONENT_KIND = {"vad": "vad", "asr": "asr", "assembler": "assembler", "turn": "turn_detector"}
+"""The plugin component kind each stage takes."""
 DEFAULT_STAGES = {"assembler": {"plugin": "default", "options": {}}}
 
 _STAGE = {
@@ -60,7 +65,7 @@ ENGINE_SCHEMA = {
         "pipeline": {
             "type": "object",
             "required": ["vad", "asr"],
-            "properties": {stage: _STAGE for stage in STAGES},
+            "properties": {stage: _STAGE for stage in STAGES + OPTIONAL_STAGES},
             "additionalProperties": False,
         },
     },
@@ -77,6 +82,8 @@ class Stage:
     """The plugin's own options (defaults applied); passed to its factory."""
     endpointing: dict[str, Any] | None = None
     """For the vad stage: the host-owned endpointing options found among its options."""
+    provider: str = ""
+    """The plugin (entry point name) that registered the component."""
 
 
 @dataclass
@@ -115,6 +122,7 @@ class EngineSpec:
             "capabilities": self.capabilities,
             "config_schema": self.config_schema,
             "endpointing": self.pipeline["vad"].endpointing,
+            "pipeline": {name: {"component": st.plugin, "plugin": st.provider} for name, st in self.pipeline.items()},
         }
 
 
@@ -190,13 +198,14 @@ def validate_engine(raw: Any, path: Path, plugins: PluginSet) -> tuple[EngineSpe
 
     pipeline: dict[str, Stage] = {}
     stages = {**copy.deepcopy(DEFAULT_STAGES), **raw["pipeline"]}
-    for stage_name in STAGES:
+    for stage_name in STAGES + OPTIONAL_STAGES:
         stage = stages.get(stage_name)
         if stage is None:
             continue
         opts, endpointing, errs = _validate_stage(stage_name, stage, path, plugins)
         errors.extend(errs)
-        pipeline[stage_name] = Stage(stage["plugin"], opts, endpointing)
+        registered = plugins.component(COMPONENT_KIND[stage_name], stage["plugin"])
+        pipeline[stage_name] = Stage(stage["plugin"], opts, endpointing, registered.plugin if registered else "")
 
     caps = raw["capabilities"]
     asr = pipeline.get("asr")
@@ -233,11 +242,12 @@ def _validate_stage(
 ) -> tuple[dict, dict | None, list[EngineError]]:
     """Validate a stage's options; returns (plugin options, endpointing options, errors)."""
     where = f"pipeline.{stage_name}"
-    component = plugins.component(stage_name, stage["plugin"])
+    kind = COMPONENT_KIND[stage_name]
+    component = plugins.component(kind, stage["plugin"])
     if component is None:
-        known = ", ".join(plugins.names(stage_name)) or "none loaded"
+        known = ", ".join(plugins.names(kind)) or "none loaded"
         return {}, None, [EngineError(path, f"{where}.plugin",
-                                      f"no {stage_name} plugin named {stage['plugin']!r} (available: {known})")]
+                                      f"no {kind} plugin named {stage['plugin']!r} (available: {known})")]
     options = dict(stage.get("options") or {})
     endpointing = None
     errs = []

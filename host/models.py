@@ -20,9 +20,9 @@ from typing import Any
 import psutil
 
 from host import asr
-from host.contracts import AsrEngine, Assembler, LoadContext, VadModel
+from host.contracts import AsrEngine, Assembler, LoadContext, TurnDetector, VadModel
 from host.endpointing import EndpointingOptions
-from host.engines import STAGES, EngineSpec
+from host.engines import COMPONENT_KIND, EngineSpec
 from host.plugins import Component, PluginSet
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class LoadedEngine:
     endpointing: EndpointingOptions
     asr: AsrEngine
     assembler: Assembler
+    turn: TurnDetector | None = None
+    """The engine's turn detector (``pipeline.turn``), if it names one."""
     load_seconds: float = 0.0
     shared_keys: frozenset = frozenset()
     """Keys of :meth:`ModelManager.shared` objects this engine uses (kept alive while it is loaded)."""
@@ -53,13 +55,6 @@ class LoadedEngine:
         """Who serves ``stage``, for errors and logs: ``asr 'faster-whisper' (plugin asr_faster_whisper)``."""
         c = self.components.get(stage)
         return c.label if c is not None else f"{stage} {self.spec.pipeline[stage].plugin!r}"
-
-    def describe(self) -> dict[str, Any]:
-        """The ``/engines`` entry: the engine.yaml description plus which plugin serves each stage."""
-        out = self.spec.describe()
-        out["status"] = "ready"
-        out["pipeline"] = {stage: {"component": c.name, "plugin": c.plugin} for stage, c in self.components.items()}
-        return out
 
     def memory(self) -> dict[str, Any] | None:
         """What the ASR engine reports it uses (its optional ``memory()``), or None."""
@@ -169,8 +164,8 @@ class ModelManager:
         used: set = set()
         built: dict[str, Any] = {}
         components: dict[str, Component] = {}
-        for stage in STAGES:
-            component = self.plugins.component(stage, spec.pipeline[stage].plugin)
+        for stage in spec.pipeline:
+            component = self.plugins.component(COMPONENT_KIND[stage], spec.pipeline[stage].plugin)
             assert component is not None, "engine validation checked that the plugin exists"
             components[stage] = component
             built[stage] = self._make(spec, stage, component, used)
@@ -185,6 +180,7 @@ class ModelManager:
             endpointing=EndpointingOptions.from_options(spec.pipeline["vad"].endpointing or {}),
             asr=built["asr"],
             assembler=built["assembler"],
+            turn=built.get("turn"),
             load_seconds=seconds,
             shared_keys=frozenset(used),
             components=components,
@@ -230,6 +226,8 @@ def check_contracts(spec: EngineSpec, built: dict[str, Any]) -> list[tuple[str, 
         problems.append(("vad", "has no open_stream()"))
     if not callable(getattr(built["assembler"], "open_session", None)):
         problems.append(("assembler", "has no open_session()"))
+    if "turn" in built and not callable(getattr(built["turn"], "probability", None)):
+        problems.append(("turn", "has no probability(audio)"))
     variants = getattr(built["asr"], "variants", None)
     if not isinstance(variants, dict):
         return [*problems, ("asr", f"variants must be a dict of model variants, got {type(variants).__name__}")]

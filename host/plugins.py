@@ -22,9 +22,12 @@ from host import hookspecs
 
 log = logging.getLogger(__name__)
 
-KINDS = ("vad", "asr", "assembler", "registry")
+KINDS = ("vad", "asr", "assembler", "turn_detector", "registry", "dialect")
 ENTRY_POINT_GROUP = hookspecs.PROJECT
-BUILTIN_PLUGINS = ("host.assembler", "host.registry")
+BUILTIN_PLUGINS = ("host.assembler", "host.registry", "host.compat.openai_realtime", "host.compat.elevenlabs",
+                   "host.compat.deepgram")
+"""Registered like third-party plugins, through the same hooks; they always load."""
+TRACE_ENV = "ENGINE_HOST_TRACE_PLUGINS"
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Component:
     factory: Callable[..., Any]
     options_schema: dict
     plugin: str
+    path: str | None = None
+    """For a dialect: the URL path it serves."""
 
     @property
     def label(self) -> str:
@@ -78,6 +83,14 @@ class PluginSet:
     def names(self, kind: str) -> list[str]:
         return sorted(n for k, n in self.components if k == kind)
 
+    def of_kind(self, kind: str) -> list[Component]:
+        """Every component of one kind, in registration order."""
+        return [c for (k, _), c in self.components.items() if k == kind]
+
+    def dialects(self) -> dict[str, Component]:
+        """URL path → the dialect component that serves it."""
+        return {c.path: c for c in self.of_kind("dialect") if c.path is not None}
+
     @property
     def hook(self):
         return self.manager.hook
@@ -95,6 +108,9 @@ def load_plugins(env: Mapping[str, str] | None = None, extra: Sequence[Any] = ()
     """Load built-ins, allowed entry points and ``extra`` plugin objects; collect components."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    tracing = (os.environ if env is None else env).get(TRACE_ENV, "") not in ("", "0")
+    if tracing:
+        _trace(pm)
     errors: list[PluginError] = []
 
     for module_name in BUILTIN_PLUGINS:
@@ -129,13 +145,33 @@ def load_plugins(env: Mapping[str, str] | None = None, extra: Sequence[Any] = ()
         hook = getattr(pm.hook, f"register_{kind}")
         for impl in reversed(hook.get_hookimpls()):
             _collect(kind, impl, components, infos, errors)
+            if tracing:
+                names = [c.name for c in infos[impl.plugin_name].components if c.kind == kind] if impl.plugin_name in infos else []
+                _TRACE.info("call register_%s of %s -> registered %s", kind, impl.plugin_name, names)
     return PluginSet(pm, list(infos.values()), components, errors)
+
+
+_TRACE = logging.getLogger("host.plugins.trace")
+
+
+def _trace(pm: pluggy.PluginManager) -> None:
+    """Log every hook call, its implementations' results and errors (datasette's tracing switch)."""
+
+    def before(hook_name, hook_impls, kwargs) -> None:
+        _TRACE.info("call %s(%s) -> %s", hook_name, ", ".join(kwargs), [i.plugin_name for i in hook_impls])
+
+    def after(outcome, hook_name, hook_impls, kwargs) -> None:
+        error = outcome.exception
+        _TRACE.info("done %s: %s", hook_name, f"raised {error!r}" if error is not None else repr(outcome.get_result())[:200])
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def _collect(kind, impl, components, infos, errors) -> None:
     plugin_name = impl.plugin_name
 
-    def register(name: str, factory: Callable[..., Any], options_schema: dict | None = None) -> None:
+    def register(name: str, factory: Callable[..., Any], options_schema: dict | None = None, *,
+                 path: str | None = None) -> None:
         schema = {"type": "object"} if options_schema is None else options_schema
         try:
             jsonschema.Draft202012Validator.check_schema(schema)
@@ -143,10 +179,11 @@ def _collect(kind, impl, components, infos, errors) -> None:
             raise _RegisterError(f"{kind} {name!r} has an invalid options schema: {exc.message}") from None
         if not callable(factory):
             raise _RegisterError(f"{kind} {name!r}: factory is not callable")
+        _check_path(kind, name, path, components)
         existing = components.get((kind, name))
         if existing is not None:
             raise _RegisterError(f"{kind} {name!r} is already registered by plugin {existing.plugin!r}")
-        comp = Component(kind, name, factory, schema, plugin_name)
+        comp = Component(kind, name, factory, schema, plugin_name, path)
         components[(kind, name)] = comp
         if plugin_name in infos:
             infos[plugin_name].components.append(comp)
@@ -155,8 +192,25 @@ def _collect(kind, impl, components, infos, errors) -> None:
         impl.function(register=register)
     except _RegisterError as exc:
         errors.append(PluginError(plugin_name, str(exc)))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure of a third party's hook is reported by name
         errors.append(PluginError(plugin_name, f"register_{kind} failed: {_brief(exc)}"))
+
+
+RESERVED_PATHS = frozenset({"/", "/session", "/health", "/metrics", "/engines", "/workers", "/demo"})
+
+
+def _check_path(kind: str, name: str, path: str | None, components: dict) -> None:
+    """A dialect needs a path of its own; no other kind takes one."""
+    if kind != "dialect":
+        if path is not None:
+            raise _RegisterError(f"{kind} {name!r}: only a dialect takes a path")
+        return
+    if not isinstance(path, str) or not path.startswith("/") or path in RESERVED_PATHS:
+        raise _RegisterError(f"dialect {name!r} needs path='/...' not served by the host itself, got {path!r}")
+    for other in components.values():
+        if other.kind == "dialect" and other.path == path:
+            raise _RegisterError(f"dialect {name!r}: path {path} is already served by dialect {other.name!r} "
+                                 f"of plugin {other.plugin!r}")
 
 
 class _RegisterError(Exception):
