@@ -11,8 +11,8 @@ real time (a frame leaves once its audio has "happened", like a microphone).
 - first-partial latency: from the speech onset in the sent audio
   (``speech_start + preroll_s``) to the arrival of the utterance's first
   ``transcript.partial``;
-- WER of the streamed transcripts against the references, and of offline
-  faster-whisper on the same utterances and model (``--offline``);
+- WER of the streamed transcripts against the references, and of the same engine and model
+  transcribing each utterance whole, without streaming (``--offline``, :mod:`host.offline`);
 - CPU and RSS of the worker process (when the bench started it, or ``--pid``), and
   the CPU the bench itself spent sending and receiving (on the same machine, the
   load generator takes cores from the worker);
@@ -33,8 +33,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
@@ -47,8 +45,10 @@ from typing import Any
 import psutil
 
 from host import adversary
+from host.bench_report import counter_fields, fetch_engine, machine, mib, percentile, round3, table, worker_counters
 from host.client import Audio, concat, read_wav, session_url, silence, stream
 from host.endpointing import EndpointingOptions
+from host.offline import offline_wer
 from host.wer import WerCounts, word_errors
 
 DEFAULT_MANIFEST = Path("../shared/speech/manifest.tsv")
@@ -102,15 +102,6 @@ def load_manifest(path: Path, limit: int | None) -> list[Item]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:limit]
     return [Item(r["id"], read_wav(path.parent / r["path"]), r["reference"]) for r in rows]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def analyse(result, reference: str, speed: float | None, endpointing: dict[str, Any]) -> StreamStats:
@@ -182,62 +173,6 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
             time.sleep(0.05)
 
 
-def _http_base(url: str) -> str:
-    return url.replace("ws://", "http://").replace("wss://", "https://").split("/session")[0].rstrip("/")
-
-
-def fetch_engine(url: str, engine: str | None) -> dict[str, Any]:
-    with urllib.request.urlopen(_http_base(url) + "/engines", timeout=5) as r:
-        engines = json.loads(r.read())
-    return next((e for e in engines if e["id"] == engine), engines[0])
-
-
-def worker_counters(url: str) -> dict[str, float] | None:
-    """The worker's counters the bench reports on, summed over labels where the bench does not
-    need them apart; None where /metrics does not answer (a router, metrics behind a key)."""
-    try:
-        with urllib.request.urlopen(_http_base(url) + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return None
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        sample, value = line.rsplit(" ", 1)
-        name, _, labels = sample.partition("{")
-        kind = "partial" if 'kind="partial"' in labels else "decode"  # finals and speculative finals
-        if name == "engine_host_vad_cpu_seconds_total":
-            out["vad_cpu_seconds"] = float(value)
-        elif name == "engine_host_inference_seconds_total":
-            out[f"{kind}_seconds"] = out.get(f"{kind}_seconds", 0.0) + float(value)
-        elif name == "engine_host_inference_jobs_total" and 'outcome="completed"' in labels:
-            out[f"{kind}_jobs"] = out.get(f"{kind}_jobs", 0.0) + float(value)
-        elif name == "engine_host_speculative_decodes_total":
-            out["speculative_" + labels.split('"')[1]] = float(value)
-    return out
-
-
-def _counter_fields(before: dict[str, float] | None, after: dict[str, float] | None, wall: float) -> dict:
-    """Per-level figures from the worker's counters (None where the worker did not report them)."""
-    if before is None or after is None or wall <= 0:
-        return {"vad_cpu_percent": None, "asr_busy_percent": None, "decode_mean_s": None, "speculative": None}
-
-    def d(key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    busy = d("decode_seconds") + d("partial_seconds")
-    return {
-        "vad_cpu_percent": round(d("vad_cpu_seconds") / wall * 100, 1) if "vad_cpu_seconds" in after else None,
-        # Thread-busy time of the inference queue, in % of one thread: past 100 × threads it is saturated.
-        "asr_busy_percent": round(busy / wall * 100, 1) if "decode_seconds" in after else None,
-        # Mean time one final (or speculative final) took on its thread: how fast this machine decodes
-        # right now, the figure to compare when the same command gives different results on a VM.
-        "decode_mean_s": round(d("decode_seconds") / d("decode_jobs"), 3) if d("decode_jobs") else None,
-        "speculative": {k: int(d("speculative_" + k)) for k in ("used", "wasted", "withdrawn")},
-    }
-
-
 async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
                       proc: psutil.Process | None) -> dict[str, Any]:
     params = dict(engine=args.engine, model=args.model, interim_results=False if args.no_partials else None)
@@ -267,7 +202,7 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     progress.draw()
     cpu = proc.cpu_percent(None) if proc else None
     rss = proc.memory_info().rss if proc else None
-    counters = _counter_fields(counters_before, worker_counters(url) if counters_before else None, wall)
+    counters = counter_fields(counters_before, worker_counters(url) if counters_before else None, wall)
     finals = [x for r in results for x in r.final_latencies]
     partials = [x for r in results for x in r.first_partial_latencies]
     wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
@@ -279,17 +214,17 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
         "audio_seconds": round(sum(r.audio_seconds for r in results), 1),
         "wall_seconds": round(wall, 1),
         "finals": len(finals),
-        "final_latency_p50": _r(percentile(finals, 0.5)),
-        "final_latency_p95": _r(p95),
-        "first_partial_latency_p50": _r(percentile(partials, 0.5)),
-        "first_partial_latency_p95": _r(percentile(partials, 0.95)),
+        "final_latency_p50": round3(percentile(finals, 0.5)),
+        "final_latency_p95": round3(p95),
+        "first_partial_latency_p50": round3(percentile(partials, 0.5)),
+        "first_partial_latency_p95": round3(percentile(partials, 0.95)),
         "partials": sum(r.partials for r in results),
         "wer": round(wer.wer, 4),
         "cpu_percent": cpu,
         "client_cpu_percent": client_cpu,
         **counters,
-        "rss_mib": _mib(rss),
-        "rss_growth_mib": _mib(rss - rss_before) if rss and rss_before else None,
+        "rss_mib": mib(rss),
+        "rss_growth_mib": mib(rss - rss_before) if rss and rss_before else None,
         "lag_events": lag,
         "errors": errors,
         "realtime": bool(finals) and p95 is not None and p95 <= args.max_p95 and lag == 0 and not errors,
@@ -318,36 +253,6 @@ def start_adversaries(url: str, items: list[Item], args, stop: asyncio.Event) ->
     return asyncio.create_task(run())
 
 
-def offline_wer(items: list[Item], engine: dict[str, Any], model: str | None, engines_dir: Path | None) -> dict:
-    """faster-whisper's own transcribe() (30 s windows) on each utterance, with the variant's model and beam."""
-    import numpy as np
-    from faster_whisper import WhisperModel
-
-    from host.engines import load_engines
-    from host.plugins import load_plugins
-
-    specs, _ = load_engines(engines_dir or Path(os.environ.get("ENGINES_DIR", "engines.d")), load_plugins())
-    spec = next((s for s in specs if s.id == engine["id"]), None)
-    if spec is None or spec.pipeline["asr"].plugin != "faster-whisper":
-        return {"wer": None, "note": "offline baseline needs the engine's faster-whisper config"}
-    from engine_host_asr_faster_whisper import resolve_model_path
-
-    variant = spec.pipeline["asr"].options["models"][model or spec.models[0]]
-    fw = WhisperModel(str(resolve_model_path(variant["path"])), device="cpu", compute_type=variant["compute_type"],
-                      cpu_threads=1)
-    total, spent = WerCounts(0, 0), 0.0
-    for it in items:
-        x = np.frombuffer(it.audio.pcm, "<i2").astype(np.float32) / 32768
-        t0 = time.perf_counter()
-        segments, _ = fw.transcribe(x, language="en" if not fw.model.is_multilingual else None,
-                                    beam_size=variant["beam_size"])
-        text = " ".join(s.text for s in segments)
-        spent += time.perf_counter() - t0
-        total += word_errors(it.reference, text)
-    return {"wer": round(total.wer, 4), "compute_seconds": round(spent, 1),
-            "settings": f"{variant['compute_type']}, beam {variant['beam_size']}, 30 s windows, 1 thread"}
-
-
 def main(args) -> int:
     items = load_manifest(Path(args.manifest), args.limit)
     levels = [int(x) for x in args.sweep.split(",")] if args.sweep else [args.streams]
@@ -361,8 +266,8 @@ def main(args) -> int:
         report: dict[str, Any] = {
             "machine": machine(), "engine": engine["id"], "model": args.model or "default",
             "manifest": str(args.manifest), "utterances": len(items), "speed": args.speed, "chunk_s": args.chunk,
-            "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": _r(startup),
-            "idle_rss_mib": _mib(proc.memory_info().rss) if proc else None, "runs": [],
+            "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": round3(startup),
+            "idle_rss_mib": mib(proc.memory_info().rss) if proc else None, "runs": [],
         }
         for n in levels:
             row = asyncio.run(bench_level(url, items, n, args, engine.get("endpointing") or {}, proc))
@@ -370,7 +275,7 @@ def main(args) -> int:
         ok = [r["streams"] for r in report["runs"] if r["realtime"]]
         report["max_realtime_streams"] = max(ok) if ok else 0
         if args.offline:
-            report["offline"] = offline_wer(items, engine, args.model, args.engines_dir)
+            report["offline"] = offline_wer(items, engine["id"], args.model, args.engines_dir)
             offline = report["offline"].get("wer")
             for row in report["runs"]:
                 row["wer_vs_offline"] = round(row["wer"] / offline, 3) if offline else None
@@ -380,48 +285,6 @@ def main(args) -> int:
             worker.wait(30)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0
-
-
-def table(report: dict[str, Any]) -> str:
-    cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
-            ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
-            ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"),
-            ("client_cpu_percent", "client CPU %"), ("vad_cpu_percent", "VAD CPU %"),
-            ("asr_busy_percent", "ASR busy %"), ("decode_mean_s", "decode s"), ("rss_mib", "RSS MiB"),
-            ("lag_events", "lag"), ("realtime", "real-time")]
-    lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
-             f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "
-             f"{report['machine']['cores']} cores"]
-    if report.get("startup_seconds") is not None:
-        lines.append(f"worker start-up to healthy {report['startup_seconds']} s, idle RSS {report['idle_rss_mib']} MiB")
-    lines.append("  ".join(f"{h:>11}" for _, h in cols))
-    for row in report["runs"]:
-        lines.append("  ".join(f"{'-' if row.get(k) is None else row.get(k)!s:>11}" for k, _ in cols))
-    if "offline" in report:
-        lines.append(f"offline faster-whisper WER {report['offline'].get('wer')} ({report['offline'].get('settings', '')})")
-    lines.append(f"largest real-time level: {report['max_realtime_streams']} stream(s)")
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version()}
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
-def _mib(n: int | None) -> float | None:
-    return None if n is None else round(n / 2**20, 1)
 
 
 def add_arguments(p) -> None:
@@ -442,7 +305,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model")
     p.add_argument("--no-partials", action="store_true", help="interim_results=false")
     p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score offline faster-whisper on the same utterances and model")
+                   help="also score the engine's model on the same utterances transcribed whole, offline")
     p.add_argument("--json", action="store_true")
     p.add_argument("--flood", type=int, default=0,
                    help="flush-storm sessions (32 ms + flush, 45/s) running beside the measured streams")
