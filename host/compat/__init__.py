@@ -7,7 +7,9 @@ it, so :class:`host.session.Session` runs unchanged: it reads native messages
 JSON messages, which the dialect turns into the vendor's events. There is no
 second pipeline.
 
-A dialect module registers itself in :data:`DIALECTS` by path.
+A dialect is a plugin component: ``register_dialect`` registers its factory with the URL path it
+serves (the bundled ones are built-in plugins, registered like a third party's), and
+:func:`dialect_routes` gives the worker and the router the path → factory table.
 """
 
 from __future__ import annotations
@@ -136,19 +138,10 @@ def scrub(value: Any) -> Any:
     return value
 
 
-DIALECTS: dict[str, Callable[[], Any]] = {}
-"""Path -> a factory of that path's :class:`Dialect` (one per connection)."""
-"""Path → dialect factory. Filled by :func:`load_dialects`."""
-
-
-def load_dialects() -> dict[str, Callable[[], Dialect]]:
-    """Import the bundled dialect modules (each adds itself to :data:`DIALECTS`)."""
-    import importlib
-    import pkgutil
-
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-    return DIALECTS
+def dialect_routes(plugins: Any) -> dict[str, Callable[[], Dialect]]:
+    """URL path → the factory of that path's :class:`Dialect` (one per connection), from the
+    dialect components of a :class:`host.plugins.PluginSet`."""
+    return {path: component.factory for path, component in plugins.dialects().items()}
 
 
 class DialectConnection:
@@ -243,7 +236,6 @@ class DialectConnection:
 
 __all__ = [
     "CHUNK_BYTES",
-    "DIALECTS",
     "BadMessage",
     "ConnectionClosed",
     "DeferredDialect",
@@ -251,7 +243,7 @@ __all__ = [
     "DialectConnection",
     "audio_frames",
     "decode_base64",
-    "load_dialects",
+    "dialect_routes",
     "parse_json_object",
     "query_flag",
     "scrub",

@@ -44,7 +44,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import host
-from host.compat import DIALECTS, BadMessage, parse_json_object, query_flag
+from host.compat import BadMessage, parse_json_object, query_flag
+from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
 PATH = "/v1/listen"
@@ -328,4 +329,7 @@ def _wav_header(data: bytes) -> tuple[str, int, int, int] | None:
     return None
 
 
-DIALECTS[PATH] = DeepgramDialect
+@hookimpl
+def register_dialect(register):
+    """A built-in plugin: registered through the same hook as a third party's dialect."""
+    register("deepgram", DeepgramDialect, path=PATH)

@@ -42,7 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
+from host.compat import BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
+from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
 PATH = "/v1/speech-to-text/realtime"
@@ -266,4 +267,7 @@ def _number(query: Mapping[str, str], name: str, low: float, high: float, defaul
     return number
 
 
-DIALECTS[PATH] = ElevenLabsDialect
+@hookimpl
+def register_dialect(register):
+    """A built-in plugin: registered through the same hook as a third party's dialect."""
+    register("elevenlabs", ElevenLabsDialect, path=PATH)

@@ -32,8 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.compat import DIALECTS, BadMessage, audio_frames, decode_base64, parse_json_object
+from host.compat import BadMessage, audio_frames, decode_base64, parse_json_object
 from host.compat.openai_session import DEFAULT_VAD, FORMATS, MISSING, BadEvent, SessionConfig, new_id
+from host.hookspecs import hookimpl
 from host.protocol import CLIENT_ERRORS, ErrorCode
 
 PATH = "/v1/realtime"
@@ -388,4 +389,8 @@ def _ms(seconds: Any) -> int:
 CLIENT_EVENTS = tuple(_CLIENT)
 """The client event types served, in the order the error for an unknown type lists them."""
 
-DIALECTS[PATH] = OpenAIRealtimeDialect
+
+@hookimpl
+def register_dialect(register):
+    """A built-in plugin: registered through the same hook as a third party's dialect."""
+    register("openai", OpenAIRealtimeDialect, path=PATH)
