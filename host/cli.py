@@ -12,7 +12,7 @@ from pathlib import Path
 
 from host import __version__
 from host.formats import FORMATS
-from host.settings import ENV, ROUTER_ENV, RouterSettings, Settings, settings_from
+from host.settings import ENV, ROUTER_ENV, RouterSettings, Settings, default_of, json_object, settings_from
 
 log = logging.getLogger("host")
 
@@ -32,19 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run a worker (WebSocket /session, HTTP /health and /engines)")
-    defaults = Settings(worker_id="-", endpoint="-")
-    for name, (var, help_text) in ENV.items():
-        value = getattr(defaults, name)
-        shown = "derived" if name in ("worker_id", "endpoint") else ("none" if value == "" else value)
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=_flag_type(getattr(defaults, name)),
-                       help=f"{help_text} [env {var}, default {shown}]")
+    _add_setting_flags(p, ENV, Settings(worker_id="-", endpoint="-"), derived=("worker_id", "endpoint"))
     p.set_defaults(run=cmd_serve)
 
-    p = sub.add_parser("route", help="run a session router in front of the workers in a shared registry (Redis)")
-    router_defaults = RouterSettings()
-    for name, (var, help_text) in ROUTER_ENV.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=_flag_type(getattr(router_defaults, name)),
-                       help=f"{help_text} [env {var}, default {getattr(router_defaults, name) or 'none'}]")
+    p = sub.add_parser("route", help="run a session router in front of the workers in a shared registry")
+    _add_setting_flags(p, ROUTER_ENV, RouterSettings())
     p.set_defaults(run=cmd_route)
 
     p = sub.add_parser("plugins", help="list loaded plugins and the components they register")
@@ -89,12 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_setting_flags(p: argparse.ArgumentParser, table: dict, defaults, derived: tuple[str, ...] = ()) -> None:
+    """One flag per setting in ``table`` (``--max-sessions`` for ``max_sessions``), plus the
+    repeatable ``--registry-option KEY=VALUE``."""
+    for name, (var, help_text) in table.items():
+        value = default_of(defaults, name)
+        shown = "derived" if name in derived else ("none" if value in ("", {}) else value)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, type=_flag_type(value),
+                       help=f"{help_text} [env {var}, default {shown}]")
+    p.add_argument("--registry-option", dest="registry_option", action="append", default=[], type=_key_value,
+                   metavar="KEY=VALUE", help="one registry option, repeatable; VALUE is JSON if it parses "
+                                             "(5, true), else a string; on top of --registry-options and its variable")
+
+
+def _settings(args, kind: type, table: dict):
+    """Settings from the environment and the flags; ``--registry-option`` items go on top of the
+    registry options from either."""
+    settings = settings_from(kind=kind, table=table, **{name: getattr(args, name) for name in table})
+    settings.registry_options = {**settings.registry_options, **dict(args.registry_option)}
+    return settings
+
+
+def _key_value(raw: str) -> tuple[str, object]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {raw!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _flag_type(default):
     """The argparse converter for a setting: ``bool("false")`` would be True, so booleans parse words."""
     if isinstance(default, bool):
         from host.settings import _bool
 
         return _bool
+    if isinstance(default, dict):
+        return json_object
     return type(default)
 
 
@@ -109,8 +134,7 @@ def setup_logging(level: str) -> None:
 
 
 def cmd_serve(args) -> int:
-    overrides = {name: getattr(args, name) for name in ENV}
-    settings = settings_from(**overrides)
+    settings = _settings(args, Settings, ENV)
     setup_logging(settings.log_level)
     from host.engines import EngineLoadError
     from host.server import StartupError, run_worker
@@ -154,7 +178,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_route(args) -> int:
-    settings = settings_from(kind=RouterSettings, table=ROUTER_ENV, **{name: getattr(args, name) for name in ROUTER_ENV})
+    settings = _settings(args, RouterSettings, ROUTER_ENV)
     setup_logging(settings.log_level)
     from host.router import RouterError, run_router
 

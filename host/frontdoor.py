@@ -6,6 +6,9 @@ Why this module exists: a request that carries two ``Authorization`` headers mad
 handlers' ``headers.get`` raise, which answered HTTP 500 with a 15-line traceback per request
 (an unauthenticated log flood), and on the router leaked a capacity lease. Requests are now
 checked once, here, before either the worker or the router reads a header.
+
+The server both roles share, which applies these pieces to every request, is
+:class:`host.door.FrontDoor` (a module of its own: :mod:`host.sender` imports this one).
 """
 
 from __future__ import annotations

@@ -25,44 +25,34 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.http11 import Response
 
 from host import __version__
 from host import protocol as msg
-from host.auth import ApiKeyError, ApiKeys
-from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
-from host.frontdoor import (
-    SESSION_PATHS,
-    bound_port,
-    check_request,
-    close_now,
-    is_upgrade,
-    json_response,
-    peer_of,
-    registry_call,
-    serve_options,
-    static_response,
-    unauthorized,
-)
-from host.plugins import PluginSet, load_plugins
-from host.protocol import ENCODINGS, ConfigError, ErrorCode
-from host.registry import RegistryConfigError, build_registry, call_quietly
-from host.sender import refuse_config
+from host.door import FrontDoor
+from host.frontdoor import close_now, json_response, peer_of, registry_call, unauthorized
+from host.plugins import PluginSet
+from host.protocol import Close
+from host.registry import call_quietly
+from host.relay import Refused, RoutedSession
 from host.settings import RouterSettings
-from host.static import load_static
 
 log = logging.getLogger(__name__)
-
-load_dialects()  # the router speaks the vendors' protocols itself (it used to get them by importing host.server)
 
 
 class RouterError(Exception):
     """The router cannot start (no shared registry, ...)."""
+
+
+CLIENT_PING_INTERVAL_S = 20.0
+"""WebSocket keepalive pings to clients (``ROUTER_PING_INTERVAL_S`` is for the pings to workers)."""
 
 
 # --- choosing a worker ------------------------------------------------------------
@@ -118,147 +108,33 @@ def rank(workers: list[WorkerRecord], wanted: Wanted, suspects: Suspects) -> lis
     return sorted(fit, key=lambda w: (-w.free, w.load))
 
 
-# --- one proxied session --------------------------------------------------------------
-
-
-class Refused(Exception):
-    """The worker turned the session away before it began (full, starting, draining)."""
-
-
-@dataclass(eq=False)
-class RoutedSession:
-    """Relays one session between a client and a worker and remembers what the client got."""
-
-    client: ServerConnection
-    upstream: ClientConnection
-    worker: WorkerRecord
-    begin: dict
-    finals: list[dict] = field(default_factory=list)
-    ended: bool = False
-    bytes_in: int = 0
-    stopping: bool = False
-
-    async def run(self) -> bool:
-        """Relay until either side ends; True when the worker was lost mid-session."""
-        try:
-            await self.client.send(json.dumps(self.begin))
-        except ConnectionClosed:
-            return False  # the client left while we were finding it a worker
-        upward = asyncio.create_task(self._client_to_worker())
-        try:
-            lost = await self._worker_to_client()
-        finally:
-            if not upward.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(upward), timeout=5)
-                except TimeoutError:
-                    upward.cancel()
-        return lost
-
-    async def end(self) -> None:
-        """Router shutdown: ask the worker to finalize; its session.end reaches the client."""
-        self.stopping = True
-        try:
-            await self.upstream.send(json.dumps({"type": "end"}))
-        except ConnectionClosed:
-            pass
-
-    async def _client_to_worker(self) -> None:
-        try:
-            async for message in self.client:
-                if isinstance(message, bytes):
-                    self.bytes_in += len(message)
-                await self.upstream.send(message)
-        except ConnectionClosed:
-            pass  # the client vanished (ends below) or the worker did (_worker_to_client reports it)
-        # The client is gone: closing the worker's side makes it finalize and record the session.
-        await self.upstream.close()
-
-    async def _worker_to_client(self) -> bool:
-        try:
-            async for message in self.upstream:
-                if isinstance(message, str):
-                    self._note(message)
-                await self.client.send(message)
-        except ConnectionClosed as exc:
-            if exc.rcvd is None and exc.sent is not None:
-                return False  # we closed it because the client left
-        if self.ended or self.client.state.name != "OPEN":
-            code = msg.CloseCode.GOING_AWAY if self.stopping else (self.upstream.close_code or msg.CloseCode.NORMAL_CLOSURE)
-            await self.client.close(code, self.upstream.close_reason or "")
-            return False
-        await self._report_lost()
-        return True
-
-    def _note(self, message: str) -> None:
-        try:
-            data = json.loads(message)
-        except ValueError:
-            return
-        kind = data.get("type")
-        if kind == "transcript.final":
-            self.finals.append(data)
-        elif kind == "session.end":
-            self.ended = True
-
-    async def _report_lost(self) -> None:
-        """The worker vanished before session.end: tell the client and hand it what it already has."""
-        config = self.begin.get("config", {})
-        rate = (config.get("sample_rate") or 16000) * (config.get("channels") or 1)
-        duration = self.bytes_in / (rate * ENCODINGS.get(config.get("encoding"), 2))
-        segments = [{"id": f.get("segment_id"), "start": f.get("start"), "end": f.get("end"), "text": f.get("text"),
-                     "confidence": f.get("confidence"), **({"words": f["words"]} if "words" in f else {})}
-                    for f in self.finals]
-        speech = sum(s["end"] - s["start"] for s in segments if s["end"] is not None and s["start"] is not None)
-        try:
-            await self.client.send(json.dumps(msg.error(
-                ErrorCode.WORKER_LOST, f"worker {self.worker.info.worker_id} went away mid-session; "
-                "the finals sent so far are kept in session.end", recoverable=False)))
-            await self.client.send(json.dumps(msg.session_end_of(
-                self.begin.get("session_id"), duration, speech, segments, incomplete=True)))
-            await self.client.close(*msg.WORKER_LOST)
-        except ConnectionClosed:
-            pass
-
-
 # --- the router ---------------------------------------------------------------------
 
 
-class Router:
+class Router(FrontDoor[RouterSettings]):
+    """The router: client sessions in, each proxied to a worker chosen from the shared registry."""
+
+    start_error = RouterError
+
     def __init__(self, settings: RouterSettings, plugins: PluginSet | None = None):
-        self.settings = settings
-        self.plugins = plugins if plugins is not None else load_plugins()
+        super().__init__(settings, plugins)
         self.directory: WorkerDirectory | None = None
         self.suspects = Suspects(settings.suspect_s)
         self.sessions: set[RoutedSession] = set()
         self.started_at = time.time()
-        self._server: Server | None = None
         self._closing = False
-        self.static: dict[str, tuple[str, bytes]] = {}
-        try:
-            self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
-        except ApiKeyError as exc:
-            raise RouterError(str(exc)) from None
 
     async def start(self) -> None:
-        self.static = await asyncio.to_thread(load_static)
-        offered = {"url": self.settings.redis_url or None}
-        try:
-            directory = await build_registry(self.plugins, self.settings.registry, offered,
-                                             LoadContext(shared=lambda key, loader: loader(), engine_id=""))
-        except RegistryConfigError as exc:
-            hint = "" if self.settings.redis_url else " (set REDIS_URL or --redis-url to the workers' Redis)"
-            raise RouterError(f"{exc}{hint}") from None
+        name, directory = await self.open_registry(LoadContext(shared=lambda key, loader: loader(), engine_id=""))
         if not isinstance(directory, WorkerDirectory):
-            raise RouterError(f"registry {self.settings.registry!r} cannot list workers for a router "
-                              "(use a shared registry such as redis: set REDIS_URL)")
+            raise RouterError(f"registry {name!r} cannot list workers for a router (use a shared registry: "
+                              "set REGISTRY_URL, or REDIS_URL, to the workers' registry)")
         self.directory = directory
-        self._server = await serve(
-            self._handle, self.settings.host, self.settings.port,
-            process_request=self._http,
-            **serve_options(self.settings.max_frame_bytes, 20),
-        )
-        log.info("router listening on %s:%d (registry %s)", self.settings.host, self.port, self.settings.registry)
+        await self.listen(CLIENT_PING_INTERVAL_S)
+        log.info("router listening on %s:%d (registry %s)", self.settings.host, self.port, name)
+
+    def registry_hint(self) -> str:
+        return "" if self.settings.registry_url else " (set REGISTRY_URL or --registry-url to the workers' registry)"
 
     async def shutdown(self) -> None:
         """Stop accepting; open sessions are finalized by their workers (session.end) and closed 1001."""
@@ -277,41 +153,31 @@ class Router:
             log.info("router stopped")
 
     @property
-    def port(self) -> int:
-        return bound_port(self._server, self.settings.port)
-
-    @property
     def _dir(self) -> WorkerDirectory:
         assert self.directory is not None, "the router has started"
         return self.directory
 
-    # --- HTTP -----------------------------------------------------------------
+    # --- the front door's questions -------------------------------------------------
 
-    async def _http(self, connection: ServerConnection, request):
-        refused = check_request(request, peer_of(connection))
-        if refused is not None:
-            return refused
-        url = urlsplit(request.path)
-        path = url.path
-        if is_upgrade(request):
-            if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
-                return unauthorized()
-            return None
+    async def answer_http(self, path: str, headers: Headers, query: str) -> Response | None:
         if path == "/health":
-            status, body = await self.health()
-            return json_response(status, body)
+            return json_response(*await self.health())
         if path == "/workers":
             # Internal endpoints and memory: only for key holders when the router has keys.
-            if not self.api_keys.allows(request.headers, url.query):
+            if not self.api_keys.allows(headers, query):
                 return unauthorized()
             workers, failed = await registry_call(self._dir.workers())
             return failed or json_response(200, [self.describe(w) for w in workers])
         if path == "/engines":
             workers, failed = await registry_call(self._dir.workers())
             return failed or json_response(200, engines_of(workers))
-        if path in self.static:
-            return static_response(*self.static[path])
-        return json_response(404, {"error": "not found", "path": path})
+        return None
+
+    async def health_answer(self) -> tuple[int, dict]:
+        return await self.health()
+
+    def refusal(self) -> Close | None:
+        return msg.ROUTER_DRAINING if self._closing else None
 
     async def health(self) -> tuple[int, dict]:
         body = {"status": "healthy", "role": "router", "version": __version__,
@@ -340,35 +206,16 @@ class Router:
 
     # --- sessions --------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert ws.request is not None  # the handshake is done
-        url = urlsplit(ws.request.path)
-        if url.path == "/health":
-            _, body = await self.health()
-            await ws.send(json.dumps(body))
-            await ws.close(*msg.NORMAL)
-            return
-        dialect = DIALECTS.get(url.path)
-        if url.path not in SESSION_PATHS and dialect is None:
-            await close_now(ws, *msg.INVALID_PATH)
-            return
-        if self._closing:
-            await close_now(ws, *msg.ROUTER_DRAINING)
-            return
-        query = dict(parse_qsl(url.query, keep_blank_values=True))
+    async def serve_session(self, ws: ServerConnection, url: SplitResult, query: dict[str, str],
+                            dialect: Any) -> None:
         client: Any = ws
         target = (url.path, url.query)
         if dialect is not None:
             # The router speaks the vendor's protocol itself and native /session to the worker,
             # so it sees session.begin and the finals like in any routed session.
-            client = DialectConnection(ws, dialect())
-            try:
-                native = await client.open(query)
-            except ConfigError as exc:
-                await refuse_config(client, exc)
-                return
+            client, native = await self.open_dialect(ws, dialect, query)
             if native is None:
-                return  # the client left before its audio showed the format
+                return  # the client left before its audio showed the format, or has invalid_config
             if query.get("api_key") or query.get("token"):  # the worker checks the key again
                 native["api_key"] = query.get("api_key") or query["token"]
             query, target = native, ("/session", urlencode(native))
@@ -521,7 +368,6 @@ def forwarded_headers(ws) -> list[tuple[str, str]]:
         if name in ws.request.headers:
             headers.append((name, ws.request.headers[name]))
     return headers
-
 
 
 async def run_router(settings: RouterSettings, stop: asyncio.Event, plugins: PluginSet | None = None) -> Router:

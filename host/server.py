@@ -9,55 +9,39 @@ every open session with ``session.end`` and close 1001, and deregisters.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, cast
+from urllib.parse import SplitResult
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
 from host import __version__
 from host import protocol as msg
-from host.auth import ApiKeyError, ApiKeys
-from host.compat import DIALECTS, DialectConnection, load_dialects
 from host.contracts import LoadContext, Registry, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
+from host.door import FrontDoor
+from host.engine_watch import reload_loop
 from host.engines import EngineLoadError, load_engines
-from host.frontdoor import (
-    SESSION_PATHS,
-    bound_port,
-    check_request,
-    close_now,
-    is_upgrade,
-    json_response,
-    peer_of,
-    serve_options,
-    static_response,
-    unauthorized,
-)
+from host.frontdoor import close_now, json_response, unauthorized
 from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from host.metrics import Metrics
 from host.models import ModelManager, trim_memory_loop
-from host.plugins import PluginSet, load_plugins
-from host.protocol import ConfigError
+from host.plugins import PluginSet
+from host.protocol import Close, ConfigError
 from host.recording import SessionRecorder, retention_loop
-from host.registry import Announcer, RegistryConfigError, build_registry, call_quietly
+from host.registry import Announcer, call_quietly
 from host.scheduler import Scheduler
-from host.sender import refuse_config
 from host.session import Session, SessionServices
 from host.session_config import parse_session_config, pick_engine
 from host.settings import Settings
-from host.static import load_static
 from host.vad import VadBatcher
 
 log = logging.getLogger(__name__)
-
-load_dialects()  # /v1/realtime (OpenAI), /v1/speech-to-text/realtime (ElevenLabs), /v1/listen (Deepgram)
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
 
@@ -66,10 +50,13 @@ class StartupError(Exception):
     """The worker cannot serve (no valid engine, a model failed to load, ...)."""
 
 
-class Worker:
+class Worker(FrontDoor[Settings]):
+    """One worker: its engines and models, its sessions, and its entry in the registry."""
+
+    start_error = StartupError
+
     def __init__(self, settings: Settings, plugins: PluginSet | None = None):
-        self.settings = settings
-        self.plugins = plugins if plugins is not None else load_plugins()
+        super().__init__(settings, plugins)
         self.models = ModelManager(self.plugins)
         self.scheduler = Scheduler()
         self.status = STARTING
@@ -82,7 +69,6 @@ class Worker:
         self.started_at = time.time()
         self.ready_after_s: float | None = None
         self.registry: Registry | None = None
-        self._server: Server | None = None
         self._stop = asyncio.Event()
         self.announcer: Announcer | None = None
         self._heartbeat: asyncio.Task | None = None
@@ -91,16 +77,11 @@ class Worker:
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
         self._vad_batchers: dict[int, VadBatcher] = {}
-        try:
-            self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
-        except ApiKeyError as exc:
-            raise StartupError(str(exc)) from None
         self.metrics = Metrics(self._metrics_state)
         self.sessions_dir = Path(settings.sessions_dir) if settings.sessions_dir else None
         self._recording_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec")
         self._retention: asyncio.Task | None = None
         self._reloader: asyncio.Task | None = None
-        self.static: dict[str, tuple[str, bytes]] = {}
         self._reload_lock = asyncio.Lock()
         self.services = SessionServices(
             worker_id=settings.worker_id,
@@ -136,16 +117,9 @@ class Worker:
 
     async def start(self) -> None:
         t0 = time.perf_counter()
-        self.static = await asyncio.to_thread(load_static)
         for error in self.plugins.errors:
             log.error("%s", error)
-        self._server = await serve(
-            self._handle,
-            self.settings.host,
-            self.settings.port,
-            process_request=self._http,
-            **serve_options(self.settings.max_frame_bytes, self.settings.ping_interval_s),
-        )
+        await self.listen(self.settings.ping_interval_s)
         if self.api_keys.enabled:
             log.info("API keys required for /session (%d configured)%s", len(self.api_keys.keys),
                      " and /metrics" if self.settings.metrics_auth else "")
@@ -233,37 +207,14 @@ class Worker:
 
     def reload_on(self, request: asyncio.Event) -> None:
         """Reload whenever ``request`` is set (SIGHUP), and on changes when ENGINES_WATCH_S > 0."""
-        self._reloader = asyncio.create_task(self._reload_loop(request))
+        self._reloader = asyncio.create_task(
+            reload_loop(self.reload, self.settings.engines_dir, self.settings.engines_watch_s, request, self._stop))
 
-    async def _reload_loop(self, request: asyncio.Event) -> None:
-        watch = self.settings.engines_watch_s
-        seen = await asyncio.to_thread(_directory_state, self.settings.engines_dir) if watch > 0 else None
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(request.wait(), timeout=watch if watch > 0 else None)
-            except TimeoutError:
-                now = await asyncio.to_thread(_directory_state, self.settings.engines_dir)
-                if now == seen:
-                    continue
-                seen = now
-            request.clear()
-            try:
-                await self.reload()
-            except Exception:  # a failed reload must leave the worker serving
-                log.exception("engine reload failed; the previous engines keep serving")
-
-    @property
-    def port(self) -> int:
-        return bound_port(self._server, self.settings.port)
-
-    async def _build_registry(self):
+    async def _build_registry(self) -> Registry:
         """The configured registry component; its TTL spans three heartbeats."""
-        offered = {"url": self.settings.redis_url or None, "ttl_s": 3 * self.settings.heartbeat_s}
-        try:
-            return await build_registry(self.plugins, self.settings.registry, offered,
-                                        LoadContext(shared=self.models.shared, engine_id=""))
-        except RegistryConfigError as exc:
-            raise StartupError(str(exc)) from None
+        _, registry = await self.open_registry(LoadContext(shared=self.models.shared, engine_id=""),
+                                               ttl_s=3 * self.settings.heartbeat_s)
+        return cast(Registry, registry)
 
     # --- state for health, metrics and the registry -----------------------------
 
@@ -317,65 +268,51 @@ class Worker:
             body["failed_engines"] = [f.describe() for f in self.models.failed.values()]
         return (200 if self.status == READY else 503), body
 
-    # --- HTTP -----------------------------------------------------------------
+    # --- the front door's questions -------------------------------------------------
 
-    def _http(self, connection: ServerConnection, request) -> Response | None:
-        refused = check_request(request, peer_of(connection))
-        if refused is not None:
-            self.metrics.refused.labels("bad_request").inc()
-            return refused
-        url = urlsplit(request.path)
-        path = url.path
-        if is_upgrade(request):
-            if (path in SESSION_PATHS or path in DIALECTS) and not self.api_keys.allows(request.headers, url.query):
-                self.metrics.refused.labels("unauthorized").inc()
-                return unauthorized()
-            return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
+    async def health_answer(self) -> tuple[int, dict]:
+        return self.health()
+
+    async def answer_http(self, path: str, headers: Headers, query: str) -> Response | None:
         if path == "/metrics":
-            if self.settings.metrics_auth and not self.api_keys.allows(request.headers, url.query):
+            if self.settings.metrics_auth and not self.api_keys.allows(headers, query):
                 return unauthorized()
             data = self.metrics.render()
-            headers = Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(data))),
-                               ("Cache-Control", "no-store")])
-            return Response(200, "OK", headers, data)
+            return Response(200, "OK", Headers([("Content-Type", METRICS_CONTENT_TYPE),
+                                                ("Content-Length", str(len(data))), ("Cache-Control", "no-store")]),
+                            data)
         if path == "/health":
-            status, body = self.health()
-            return json_response(status, body)
+            return json_response(*self.health())
         if path == "/engines":
             return json_response(200, [e.spec.describe() for e in self.models.engines.values()]
                                  + [f.describe() for f in self.models.failed.values()])
-        if path in self.static:
-            return static_response(*self.static[path])
-        return json_response(404, {"error": "not found", "path": path})
+        return None
+
+    def count_refusal(self, reason: str) -> None:
+        self.metrics.refused.labels(reason).inc()
+        if reason == "invalid_config":  # the client gets an error message as well as the refusal
+            self.metrics.errors.labels(reason).inc()
+
+    def refusal(self) -> Close | None:
+        if self.status != READY:
+            self.count_refusal(self.status)
+            return msg.not_ready(self.status)
+        return None
 
     # --- WebSocket ---------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert ws.request is not None  # the handshake is done
-        url = urlsplit(ws.request.path)
-        if url.path == "/health":
-            _, body = self.health()
-            await ws.send(json.dumps(body))
-            await ws.close(*msg.NORMAL)
-            return
-        dialect = DIALECTS.get(url.path)
-        if url.path not in SESSION_PATHS and dialect is None:
-            await close_now(ws, *msg.INVALID_PATH)
-            return
-        if self.status != READY:
-            self.metrics.refused.labels(self.status).inc()
-            await close_now(ws, *msg.not_ready(self.status))
-            return
+    async def serve_session(self, ws: ServerConnection, url: SplitResult, query: dict[str, str],
+                            dialect: Any) -> None:
         # Sessions whose client left still finalize without a slot; past as many again as there
         # are slots, new sessions wait too, so connect-and-drop churn cannot pile them up.
         if (len(self.admitted) + self._reserved >= self.settings.max_sessions
                 or len(self.sessions) + self._reserved >= 2 * self.settings.max_sessions):
-            self.metrics.refused.labels("capacity").inc()
+            self.count_refusal("capacity")
             await close_now(ws, *msg.AT_CAPACITY)
             return
         self._reserved += 1
         try:
-            session = await self._open_session(ws, url.query, dialect)
+            session = await self._open_session(ws, query, dialect)
             if session is None:
                 return
             self.admitted.add(session)
@@ -388,24 +325,17 @@ class Worker:
             self.admitted.discard(session)
             self.sessions.discard(session)
 
-    async def _open_session(self, ws: ServerConnection, query_string: str, dialect) -> Session | None:
-        """The session a handshake asks for, or None once the client has its invalid_config error."""
-        query = dict(parse_qsl(query_string, keep_blank_values=True))
-        conn: Any = ws
+    async def _open_session(self, ws: ServerConnection, query: dict[str, str], dialect) -> Session | None:
+        """The session a handshake asks for, or None once the client has left or has its invalid_config error."""
+        # Another vendor's protocol is translated both ways around the same session.
+        conn, native = await self.open_dialect(ws, dialect, query, timeout=self.settings.idle_timeout_s)
+        if native is None:
+            return None
         try:
-            if dialect is not None:
-                # Another vendor's protocol: translated both ways around the same session.
-                conn = DialectConnection(ws, dialect())
-                native = await conn.open(query, timeout=self.settings.idle_timeout_s)
-                if native is None:
-                    return None  # the client left before its audio showed the format
-                query = native
-            engine = pick_engine(query, self.models.engines, self.models.failed)
-            config = parse_session_config(query, engine.spec)
+            engine = pick_engine(native, self.models.engines, self.models.failed)
+            config = parse_session_config(native, engine.spec)
         except ConfigError as exc:
-            self.metrics.refused.labels("invalid_config").inc()
-            self.metrics.errors.labels("invalid_config").inc()
-            await refuse_config(conn, exc)
+            await self.refuse_config(conn, exc)
             return None
         return Session(conn, engine, config, self.services)
 
@@ -438,14 +368,6 @@ def _call_hook(hook, **kwargs) -> None:
         hook(**kwargs)
     except Exception:
         log.exception("%s hook failed", hook.name)
-
-
-def _directory_state(directory: Path) -> list[tuple[str, int, int]]:
-    """Names, sizes and modification times of the engine files: what a watcher compares."""
-    try:
-        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.yaml"))
-    except OSError:
-        return []
 
 
 def _mib(n: int) -> str:

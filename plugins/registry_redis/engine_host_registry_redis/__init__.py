@@ -14,7 +14,9 @@ Router side (:class:`host.contracts.WorkerDirectory`):
   scored by expiry time. A Lua script checks capacity and adds a lease in one
   step, so several routers (or one router under a burst) never overbook a worker.
 
-Selected by ``REDIS_URL`` (or ``--registry redis``).
+Selected by a ``redis://`` (or ``rediss://``, ``unix://``) registry URL: ``REGISTRY_URL``, or its
+former name ``REDIS_URL`` (or ``--registry redis``). Its options (``key_prefix``, ...) can be set with
+``ENGINE_HOST_REGISTRY_OPTIONS`` or ``--registry-option KEY=VALUE``.
 """
 
 from __future__ import annotations

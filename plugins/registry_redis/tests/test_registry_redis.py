@@ -106,3 +106,29 @@ async def test_redis_outage_keeps_sessions_and_worker_reregisters(tmp_path, redi
         print(f"worker key expired {time.monotonic() - t0:.2f} s after SIGKILL (TTL {3 * interval} s)")
     finally:
         worker.stop()
+
+
+def test_registry_url_and_options_configure_the_plugin(tmp_path, redis_server):
+    """REGISTRY_URL picks the registry by its scheme (no ENGINE_HOST_REGISTRY, no REDIS_URL), and
+    --registry-option goes on top of ENGINE_HOST_REGISTRY_OPTIONS."""
+    options = {"key_prefix": "from-env", "max_session_records": 5}
+    env = {"REGISTRY_URL": redis_server.url, "ENGINE_HOST_REGISTRY_OPTIONS": json.dumps(options),
+           "HEARTBEAT_INTERVAL_S": "0.5"}
+    worker = WorkerProcess(tmp_path, env=env, registry_option="key_prefix=from-flag")
+    r = redis_server.client()
+    try:
+        worker.wait_healthy()
+        assert wait_for(lambda: r.hget(f"from-flag:worker:{worker.worker_id}", "status") == "ready", 10)
+        assert worker.worker_id in r.smembers("from-flag:workers")
+        assert not r.keys("dalston:realtime:*") and not r.keys("from-env:*")
+    finally:
+        worker.stop()
+
+
+def test_an_unknown_registry_option_stops_the_worker(tmp_path, redis_server):
+    worker = WorkerProcess(tmp_path, env={"REGISTRY_URL": redis_server.url}, registry_option="key_prefx=x")
+    try:
+        assert worker.proc.wait(120) == 1
+        assert "registry 'redis' has no option 'key_prefx'" in worker.log()
+    finally:
+        worker.stop()
