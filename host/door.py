@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
-from host.compat import DIALECTS, DialectConnection, load_dialects
+from host.compat import DialectConnection, dialect_routes
 from host.contracts import LoadContext
 from host.frontdoor import (
     SESSION_PATHS,
@@ -49,16 +49,7 @@ from host.static import load_static
 
 log = logging.getLogger(__name__)
 
-load_dialects()  # /v1/realtime (OpenAI), /v1/speech-to-text/realtime (ElevenLabs), /v1/listen (Deepgram)
-
 S = TypeVar("S", bound=ServerSettings)
-
-
-def session_dialect(path: str) -> tuple[bool, Any]:
-    """Whether ``path`` opens a session, and the dialect factory it speaks (None: native ``/session``).
-    The one place the host looks dialects up."""
-    dialect = DIALECTS.get(path)
-    return path in SESSION_PATHS or dialect is not None, dialect
 
 
 class FrontDoor(Generic[S]):
@@ -70,12 +61,21 @@ class FrontDoor(Generic[S]):
     def __init__(self, settings: S, plugins: PluginSet | None = None):
         self.settings = settings
         self.plugins = plugins if plugins is not None else load_plugins()
+        self.dialects = dialect_routes(self.plugins)
+        """URL path → dialect factory: /v1/realtime (OpenAI), /v1/speech-to-text/realtime (ElevenLabs),
+        /v1/listen (Deepgram), and any a plugin registers."""
         self.static: dict[str, tuple[str, bytes]] = {}
         self._server: Server | None = None
         try:
             self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
         except ApiKeyError as exc:
             raise self.start_error(str(exc)) from None
+
+    def session_dialect(self, path: str) -> tuple[bool, Any]:
+        """Whether ``path`` opens a session, and the dialect factory it speaks (None: native ``/session``).
+        The one place the host looks dialects up."""
+        dialect = self.dialects.get(path)
+        return path in SESSION_PATHS or dialect is not None, dialect
 
     @property
     def port(self) -> int:
@@ -135,7 +135,7 @@ class FrontDoor(Generic[S]):
             return refused
         url = urlsplit(request.path)
         if is_upgrade(request):
-            if session_dialect(url.path)[0] and not self.api_keys.allows(request.headers, url.query):
+            if self.session_dialect(url.path)[0] and not self.api_keys.allows(request.headers, url.query):
                 self.count_refusal("unauthorized")
                 return unauthorized()
             return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
@@ -154,7 +154,7 @@ class FrontDoor(Generic[S]):
             await ws.send(json.dumps(body))
             await ws.close(*msg.NORMAL)
             return
-        is_session, dialect = session_dialect(url.path)
+        is_session, dialect = self.session_dialect(url.path)
         if not is_session:
             await close_now(ws, *msg.INVALID_PATH)
             return

@@ -56,6 +56,14 @@ class LoadedEngine:
         c = self.components.get(stage)
         return c.label if c is not None else f"{stage} {self.spec.pipeline[stage].plugin!r}"
 
+    def describe(self) -> dict[str, Any]:
+        """The ``/engines`` entry: the engine.yaml description, with what its ASR reports it uses."""
+        out = self.spec.describe()
+        memory = self.memory()
+        if memory is not None:
+            out["memory"] = memory
+        return out
+
     def memory(self) -> dict[str, Any] | None:
         """What the ASR engine reports it uses (its optional ``memory()``), or None."""
         report = getattr(self.asr, "memory", None)

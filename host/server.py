@@ -241,7 +241,7 @@ class Worker(FrontDoor[Settings]):
             languages=sorted({lang for e in engines for lang in e.spec.languages}),
             version=__version__,
             started_at=self.started_at,
-            catalog={e.id: e.spec.describe() for e in engines},
+            catalog={e.id: e.describe() for e in engines},
         )
 
     def worker_status(self) -> WorkerStatus:
@@ -284,7 +284,7 @@ class Worker(FrontDoor[Settings]):
         if path == "/health":
             return json_response(*self.health())
         if path == "/engines":
-            return json_response(200, [e.spec.describe() for e in self.models.engines.values()]
+            return json_response(200, [e.describe() for e in self.models.engines.values()]
                                  + [f.describe() for f in self.models.failed.values()])
         return None
 
