@@ -31,8 +31,10 @@ above: by level, then owner, then age, where only an owner's next job of a level
 join, owners with fewer jobs in the batch go first, and an owner joins only if it is
 already in the batch, holds fewer than ``per_owner`` threads, or no owner under its cap
 has a job waiting (rule 4 counts threads: a batch is one thread for each owner in it).
-Stale and withdrawn jobs are skipped as above and never reach the model; a skipped one
-is not replaced. All of the batch is marked started, then one ``transcribe_many`` call
+A batch takes no more than its thread's share of those jobs: split evenly over it and
+the threads that hold no job, so that a second thread does not idle while one decodes
+everything. Stale and withdrawn jobs are skipped as above and never reach the model; a
+skipped one is not replaced. All of the batch is marked started, then one ``transcribe_many`` call
 runs (a lone job of such a model too, so that an utterance decodes the same way however
 busy the queue is); each future gets its own result or its own ComponentFailure. The
 call's seconds are split evenly across its jobs, in ``usage`` and in each owner's
@@ -118,6 +120,7 @@ class InferenceQueue:
         """Threads running a job or a batch."""
         self.batches = 0
         """``transcribe_many`` calls made (batches, of one job or more)."""
+        self._engaged = 0  # threads from taking a job until it is done (skipped, withdrawn or run)
         self.usage = {p: JobUsage() for p in KIND_NAMES}
         """Per priority: seconds the threads spent running its jobs; jobs run, skipped and withdrawn."""
 
@@ -273,21 +276,28 @@ class InferenceQueue:
                     self._cv.wait()
                     job = self._take()
                 self._hold(held, job)
+                self._engaged += 1
                 if self._withdrawn(held, job):
+                    self._engaged -= 1
                     continue
             if self._stale(held, job):
+                with self._cv:
+                    self._engaged -= 1
                 continue
             jobs = [job]
             size = _batch_size(job)  # outside the lock: it reads plugin attributes
             if size > 1 and isinstance(job.fn, asr.AsrCall):
                 with self._cv:
-                    while len(jobs) < size:
+                    limit = min(size, self._share(job.fn.model))
+                    while len(jobs) < limit:
                         other = self._take_companion(job.fn.model, held)
                         if other is None:
                             break
                         self._hold(held, other)
                         if not self._withdrawn(held, other):
                             jobs.append(other)
+                    if limit < size:
+                        self._cv.notify()  # what this batch left is for a thread that holds nothing
                 # Asked one by one outside the lock, as for a single job; a skipped one is not replaced.
                 jobs = [job] + [j for j in jobs[1:] if not self._stale(held, j)]
             for j in jobs:
@@ -296,8 +306,19 @@ class InferenceQueue:
             # not started): the model never sees it.
             with self._cv:
                 jobs = [j for j in jobs if not self._withdrawn(held, j)]
-            if jobs:
-                return jobs, held, size > 1
+                if jobs:
+                    return jobs, held, size > 1
+                self._engaged -= 1
+
+    def _share(self, model: Any) -> int:
+        """How many jobs a batch of ``model`` may take: the AsrCalls of it waiting (and the one taken),
+        split evenly over this thread and the threads that hold no job (caller holds the lock).
+
+        A thread that took every waiting job while another thread idles would halve throughput
+        wherever the queue has two threads (on a CPU: measured in bench/batching.py)."""
+        waiting = sum(_same_model(j, model) for level in self._levels for jobs in level.values() for j in jobs)
+        free = max(0, self.threads - self._engaged)
+        return -(-(1 + waiting) // (1 + free))
 
     def _withdrawn(self, held: dict[Hashable, int], job: _Job) -> bool:
         """True (and the job is let go) if its session cancelled it (caller holds the lock)."""
@@ -330,6 +351,7 @@ class InferenceQueue:
             share = (time.perf_counter() - t0) / len(jobs)  # a batch's seconds, split evenly
             with self._cv:  # two threads may finish at once
                 self.busy -= 1
+                self._engaged -= 1
                 self.batches += batch
                 for job in jobs:
                     self.usage[job.priority].add(share)

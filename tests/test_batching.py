@@ -221,6 +221,22 @@ async def test_a_batch_never_mixes_two_models_and_keeps_to_max_batch(whisper, ut
     assert one.singles == two.singles == []
 
 
+async def test_a_batch_leaves_its_share_of_the_waiting_jobs_to_an_idle_thread(whisper, utterances):
+    """Two threads, six jobs queued before they start: however the threads interleave, one batch
+    does not take all six while the other thread has nothing to do."""
+    model = BatchingWhisper(whisper, parallelism=2)
+    q = InferenceQueue("share", threads=model.parallelism)
+    tickets = [(uid, q.submit(call(model, utterances[uid][0], f"s{i}"), FINAL, owner=f"s{i}"))
+               for i, uid in enumerate(SHORT)]
+    q.start()
+    try:
+        for uid, ticket in tickets:
+            assert_text(await ticket.future, utterances[uid][1])
+    finally:
+        q.stop()
+    assert len(model.batches) >= 2 and sorted(t for b in model.batches for t in b) == [f"s{i}" for i in range(6)]
+
+
 async def test_a_failing_batch_fails_each_of_its_jobs_and_the_queue_goes_on(whisper, utterances):
     """``transcribe_many`` raises for one batch and returns one result too few for the next: every job
     of both fails with its own ComponentFailure naming the component; the next batch decodes."""
