@@ -22,23 +22,23 @@ Order of service:
    session's job waits, of whatever priority: otherwise a storm of finals keeps
    every thread and another session's partials never run. With nobody else
    waiting, it may use them all.
-
-Batches (contract v2). A job that is a :class:`host.asr.AsrCall` of a model with
-``transcribe_many`` (:func:`host.asr.batch_size` above 1) takes with it, on its thread,
-up to ``batch_size - 1`` further waiting AsrCalls of the same model object (``is``:
-variants sharing a key decode differently and are never mixed), chosen in the order
-above: by level, then owner, then age, where only an owner's next job of a level may
-join, owners with fewer jobs in the batch go first, and an owner joins only if it is
-already in the batch, holds fewer than ``per_owner`` threads, or no owner under its cap
-has a job waiting (rule 4 counts threads: a batch is one thread for each owner in it).
-A batch takes no more than its thread's share of those jobs: split evenly over it and
-the threads that hold no job, so that a second thread does not idle while one decodes
-everything. Stale and withdrawn jobs are skipped as above and never reach the model; a
-skipped one is not replaced. All of the batch is marked started, then one ``transcribe_many`` call
-runs (a lone job of such a model too, so that an utterance decodes the same way however
-busy the queue is); each future gets its own result or its own ComponentFailure. The
-call's seconds are split evenly across its jobs, in ``usage`` and in each owner's
-served time. A batch occupies one thread (``busy``); other jobs run one at a time.
+5. Batches (contract v2). A thread that takes a :class:`host.asr.AsrCall` of a model
+   with ``transcribe_many`` (:func:`host.asr.batch_size` above 1) takes with it further
+   waiting AsrCalls of the same model object (``is``: variants sharing a key decode
+   differently), up to ``batch_size`` in all, in the order above: by level (so a batch of
+   finals may be filled with partials, and uploads' jobs come last), then the owner with
+   the fewest jobs in the batch, then the least served, then age; only an owner's next
+   job of a level may join. Rule 4 counts threads: an owner in a batch holds its thread
+   once, and joins only if it is in the batch already, holds fewer than ``per_owner``
+   threads, or no owner under its cap has a job waiting. A batch takes no more than its
+   thread's share of the model's waiting jobs (split over it and the threads that hold
+   none), so that a second thread does not idle while one decodes everything. Stale and
+   withdrawn jobs are skipped as above, never reach the model, and are not replaced.
+   Every job of the batch is marked started, then one ``transcribe_many`` runs (for a
+   lone job of such a model too: an utterance decodes the same way however busy the queue
+   is); each future gets its own result or its own ComponentFailure. The call's seconds
+   are split evenly over its jobs, in ``usage`` and in each owner's served time. A batch
+   occupies one thread (``busy``). Other jobs (plain callables) run one at a time.
 """
 
 from __future__ import annotations
@@ -364,25 +364,30 @@ class InferenceQueue:
 
 def _run(jobs: list[_Job], batch: bool) -> list[tuple[Any, BaseException | None]]:
     """Run one job, or one ``transcribe_many`` for a batch (blocking): (result, error) per job."""
+    if not batch:
+        try:
+            return [(jobs[0].fn(), None)]
+        except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting session
+            return [(None, exc)]
+    calls = [job.fn for job in jobs if isinstance(job.fn, asr.AsrCall)]
     try:
-        if batch:
-            answers = asr.transcribe_many([job.fn for job in jobs if isinstance(job.fn, asr.AsrCall)])
-            if len(answers) != len(jobs):
-                raise RuntimeError(f"transcribe_many gave {len(answers)} answers for {len(jobs)} calls")
-            seen: set[int] = set()
-            outcomes: list[tuple[Any, BaseException | None]] = []
-            for answer in answers:
-                if isinstance(answer, BaseException):
-                    # One failure object may answer the whole batch: each session gets its own.
-                    error = answer if id(answer) not in seen else _copy_failure(answer)
-                    seen.add(id(answer))
-                    outcomes.append((None, error))
-                else:
-                    outcomes.append((answer, None))
-            return outcomes
-        return [(jobs[0].fn(), None)]
-    except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting sessions
-        return [(None, exc if i == 0 else _copy_failure(exc)) for i in range(len(jobs))]
+        answers = asr.transcribe_many(calls)
+        if len(answers) != len(jobs):
+            raise RuntimeError(f"{len(answers)} answers for {len(jobs)} calls")
+    except BaseException as exc:  # noqa: BLE001 - what asr.transcribe_many does not catch, to every session
+        failure = asr.ComponentFailure(calls[0].component, f"transcribe_many raised {type(exc).__name__}: {exc}")
+        failure.__cause__ = exc
+        answers = [failure] * len(jobs)
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    seen: set[int] = set()
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            # One failure object may answer the whole batch: each session gets its own.
+            outcomes.append((None, answer if id(answer) not in seen else _copy_failure(answer)))
+            seen.add(id(answer))
+        else:
+            outcomes.append((answer, None))
+    return outcomes
 
 
 def _same_model(job: _Job, model: Any) -> bool:
@@ -403,11 +408,10 @@ def _batch_size(job: _Job) -> int:
 
 def _copy_failure(error: BaseException) -> BaseException:
     """A fresh exception like ``error``, so that no two sessions raise (and extend the traceback of) one object."""
-    if isinstance(error, asr.ComponentFailure):
-        copy: BaseException = asr.ComponentFailure(error.component, str(error).removeprefix(f"{error.component}: "))
-    else:
-        copy = RuntimeError(f"{type(error).__name__}: {error}")
-    copy.__cause__ = error.__cause__ or error
+    if not isinstance(error, asr.ComponentFailure):
+        return error
+    copy = asr.ComponentFailure(error.component, str(error).removeprefix(f"{error.component}: "))
+    copy.__cause__ = error.__cause__
     return copy
 
 
