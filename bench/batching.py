@@ -1,15 +1,24 @@
 """Does batching several utterances into one CTranslate2 call raise throughput on this CPU?
 
 Usage: .venv/bin/python bench/batching.py [BATCH ...]   (default: 1 2 4 8)
-Decodes the 48 dev-set utterances (tiny.en int8, greedy, no timestamps, features bucketed to
+       .venv/bin/python bench/batching.py queue [N [ROUNDS]]   (default: 32 3)
+
+Without ``queue``: decodes the 48 dev-set utterances (tiny.en int8, greedy, no timestamps, features bucketed to
 10 s multiples as the plugin does) through CTranslate2 directly: encoder + greedy decoder, the
 work a final costs. Two threads each take batches from a shared list, like the scheduler's two
 workers with one intra-op thread each. Prints wall time (utterances per second) and WER per
 batch size; a batch is padded to its longest member's bucket.
+
+With ``queue``: N short (2.5-3.6 s) dev utterances, all queued at once, go through the host's own
+InferenceQueue (two threads, as the default engine) as AsrCalls of the default engine's ``fast``
+variant, once as it is (one ``transcribe`` per job) and once wrapped with a ``transcribe_many``
+that decodes its requests one after another (what a CPU model can do), alternating for ROUNDS.
+Prints wall time, utterances per second, WER and the batches the scheduler formed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import sys
 import time
@@ -72,5 +81,65 @@ def main() -> None:
               f"WER {total.wer:.4f}")
 
 
+class SequentialBatches:
+    """A variant with ``transcribe_many`` that decodes its requests one by one."""
+
+    def __init__(self, inner):
+        self.inner, self.key, self.parallelism, self.languages = inner, inner.key, inner.parallelism, inner.languages
+
+    def transcribe(self, audio, **kwargs):
+        return self.inner.transcribe(audio, **kwargs)
+
+    def transcribe_many(self, requests):
+        return [self.inner.transcribe(r.audio, language=r.language, word_timestamps=r.word_timestamps,
+                                      partial=r.partial, options=r.options) for r in requests]
+
+
+def queue_bench(n: int = 32, rounds: int = 3) -> None:
+    from host.asr import AsrCall
+    from host.contracts import SessionOptions, TranscribeRequest
+    from host.engines import load_engines
+    from host.models import ModelManager
+    from host.plugins import load_plugins
+    from host.scheduler import FINAL, InferenceQueue
+
+    plugins = load_plugins()
+    specs, _ = load_engines(Path("engines.d"), plugins)
+    manager = ModelManager(plugins)
+    asyncio.run(manager.load([s for s in specs if s.id == "whisper-streaming"]))
+    fast = manager.engines["whisper-streaming"].asr.variants["fast"]
+    rows = [r for r in csv.DictReader(open(SPEECH / "manifest.tsv", encoding="utf-8"), delimiter="\t")
+            if 2.5 <= float(r["duration_s"]) <= 3.6]
+    items = [(r["reference"], np.frombuffer(read_wav(SPEECH / r["path"]).pcm, "<i2").astype(np.float32) / 32768)
+             for r in (rows * (n // len(rows) + 1))[:n]]
+    seconds = sum(len(a) for _, a in items) / 16000
+
+    async def run(model) -> tuple[float, list[str], InferenceQueue]:
+        q = InferenceQueue("bench", model.parallelism)
+        tickets = [q.submit(AsrCall(model, TranscribeRequest(a, "en", False, False, SessionOptions(session_id=str(i))),
+                                    "bench"), FINAL, owner=i) for i, (_, a) in enumerate(items)]
+        t0 = time.perf_counter()
+        q.start()  # everything is queued: the first take sees all of it
+        try:
+            results = await asyncio.gather(*(t.future for t in tickets))
+        finally:
+            q.stop()
+        return time.perf_counter() - t0, [r.text for r in results], q
+
+    print(f"{n} utterances ({seconds:.1f} s of audio, {len({r['id'] for r in rows})} distinct), "
+          f"{fast.parallelism} threads, tiny.en int8 greedy")
+    for k in range(rounds):
+        for label, model in (("unbatched", fast), ("batched", SequentialBatches(fast))):
+            wall, texts, q = asyncio.run(run(model))
+            total = WerCounts(0, 0)
+            for (reference, _), text in zip(items, texts):
+                total += word_errors(reference, text)
+            print(f"round {k + 1} {label:9s}: {wall:6.2f} s ({n / wall:5.2f} utt/s), WER {total.wer:.4f}, "
+                  f"{q.batches} transcribe_many calls, {q.usage[FINAL].batched} jobs batched")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["queue"]:
+        queue_bench(*(int(a) for a in sys.argv[2:4]))
+    else:
+        main()
