@@ -32,6 +32,10 @@ class ComponentFailure(Exception):
     def __init__(self, component: str, message: str):
         super().__init__(f"{component}: {message}")
         self.component = component
+        self.detail = message
+
+    def __reduce__(self):  # copy and pickle with the constructor's arguments
+        return type(self), (self.component, self.detail)
 
 
 def _brief(exc: BaseException) -> str:
@@ -124,12 +128,13 @@ def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailu
     try:
         results = first.model.transcribe_many([call.request for call in calls])  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - delivered to each session waiting on the batch
-        failure = ComponentFailure(component, f"transcribe_many raised {_brief(exc)}")
-        failure.__cause__ = exc
-        return [failure] * len(calls)
+        failures = [ComponentFailure(component, f"transcribe_many raised {_brief(exc)}") for _ in calls]
+        for failure in failures:
+            failure.__cause__ = exc
+        return list(failures)
     if not isinstance(results, list) or len(results) != len(calls):
         n = len(results) if isinstance(results, list) else type(results).__name__
-        return [ComponentFailure(component, f"transcribe_many returned {n} results for {len(calls)} requests")] * len(calls)
+        return [ComponentFailure(component, f"transcribe_many returned {n} results for {len(calls)} requests") for _ in calls]
     out: list[AsrResult | ComponentFailure] = []
     for call, result in zip(calls, results):
         try:

@@ -143,7 +143,9 @@ def load_plugins(env: Mapping[str, str] | None = None, extra: Sequence[Any] = ()
     components: dict[tuple[str, str], Component] = {}
     for kind in KINDS:
         hook = getattr(pm.hook, f"register_{kind}")
-        for impl in reversed(hook.get_hookimpls()):
+        impls = list(reversed(hook.get_hookimpls()))
+        # Built-ins first: a third party cannot take the name or path of a bundled component.
+        for impl in sorted(impls, key=lambda i: i.plugin_name not in BUILTIN_PLUGINS):
             _collect(kind, impl, components, infos, errors)
             if tracing:
                 names = [c.name for c in infos[impl.plugin_name].components if c.kind == kind] if impl.plugin_name in infos else []

@@ -240,8 +240,8 @@ def test_pattern_properties_defaults_are_filled():
 class Dialects:
     @hookimpl
     def register_dialect(self, register):
-        register("taken", object, path="/v1/realtime")   # the OpenAI dialect's path
         register("fine", object, path="/v1/mine")
+        register("taken", object, path="/v1/realtime")   # the OpenAI dialect's path: refused, ends the hook
 
     @hookimpl
     def register_vad(self, register):
