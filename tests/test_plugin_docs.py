@@ -45,6 +45,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     assert {"engine_host_prompted.py", "engine_host_batched.py", "engine_host_lines.py", "engine_host_quiet_turn.py",
             "prompted.yaml", "turn.yaml"} <= set(found), sorted(found)
     for name, text in found.items():
+        if name.startswith("test_") or "/" in name:
+            continue  # the testing example's project: see test_the_testing_example_passes
         if name.endswith(".py"):
             module = name[:-3]
             (site / name).write_text(text)
@@ -129,6 +131,24 @@ def test_an_example_engine_claiming_german_does_not_load(installed, tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert ("asr 'prompted-whisper' (plugin prompted): variant 'fast': capabilities.languages names ['de'], "
             "which the model does not transcribe (it declares: en)") in out.stdout
+
+
+def test_the_testing_example_passes(tmp_path):
+    """The "Testing a plugin" test file, run by pytest in a project holding example E's files."""
+    if not (ROOT.parent / "shared" / "speech" / "wav" / "jfk.wav").is_file():
+        pytest.skip("../shared/speech is absent: the testing example streams ../shared/speech/wav/jfk.wav")
+    found = examples()
+    project = tmp_path / "project"
+    for name in ("test_vad_energy.py", "engine_host_vad_energy.py", "tests/engines/energy.yaml"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(found[name])
+    (project / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n")
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")  # the example reads ../shared/speech
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_vad_energy.py"],
+                         cwd=project, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(project)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "4 passed" in out.stdout, out.stdout[-2000:]
 
 
 def test_examples_are_complete():
