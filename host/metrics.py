@@ -85,12 +85,16 @@ class _StateCollector:
         jobs = CounterMetricFamily("engine_host_inference_jobs", "Inference jobs by model, kind and outcome: "
                                    "completed, skipped (stale when their turn came), withdrawn (cancelled "
                                    "before a thread took them)", labels=["model", "kind", "outcome"])
+        batched = CounterMetricFamily("engine_host_inference_batched_jobs", "Completed jobs that ran together with "
+                                      "others in one transcribe_many call, by model and kind", labels=["model", "kind"])
         for (model, kind), usage in sorted(s.get("inference", {}).items()):
             seconds.add_metric([model, kind], usage.seconds)
             for outcome in ("completed", "skipped", "withdrawn"):
                 jobs.add_metric([model, kind, outcome], getattr(usage, outcome))
+            batched.add_metric([model, kind], usage.batched)
         yield seconds
         yield jobs
+        yield batched
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
