@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from host.contracts import AsrModel, AsrResult, SessionOptions, TranscribeRequest, Word
+from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, AsrStream, SessionOptions, TranscribeRequest, Word
 
 DEFAULT_MAX_BATCH = 8
 """Requests one ``transcribe_many`` call gets when the model does not say (``max_batch``)."""
@@ -74,7 +75,7 @@ def batch_size(model: AsrModel) -> int:
     return size if isinstance(size, int) and size >= 1 else DEFAULT_MAX_BATCH
 
 
-def check_result(result: Any, request: TranscribeRequest) -> AsrResult:
+def check_result(result: Any, audio_seconds: float) -> AsrResult:
     """``result`` if it keeps the contract, else ``ValueError`` saying how it breaks it.
 
     A result with words whose times are not finite or run backwards would shift the session's
@@ -86,7 +87,7 @@ def check_result(result: Any, request: TranscribeRequest) -> AsrResult:
         raise ValueError(f"AsrResult.text is {type(result.text).__name__}, not str")
     if not isinstance(result.words, list) or not all(isinstance(w, Word) for w in result.words):
         raise ValueError("AsrResult.words must be a list of Word")
-    duration = len(request.audio) / 16000
+    duration = audio_seconds
     for w in result.words:
         if not (math.isfinite(w.start) and math.isfinite(w.end)) or w.end < w.start or w.start < -0.5 \
                 or w.start > duration + 1.0:
@@ -111,7 +112,7 @@ class AsrCall:
         except Exception as exc:
             raise ComponentFailure(self.component, f"transcribe raised {_brief(exc)}") from exc
         try:
-            return check_result(result, self.request)
+            return check_result(result, len(self.request.audio) / SAMPLE_RATE)
         except ValueError as exc:
             raise ComponentFailure(self.component, f"transcribe broke its contract: {exc}") from None
 
@@ -138,10 +139,118 @@ def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailu
     out: list[AsrResult | ComponentFailure] = []
     for call, result in zip(calls, results):
         try:
-            out.append(check_result(result, call.request))
+            out.append(check_result(result, len(call.request.audio) / SAMPLE_RATE))
         except ValueError as exc:
             out.append(ComponentFailure(component, f"transcribe_many broke its contract: {exc}"))
     return out
+
+
+def streams(model: AsrModel) -> bool:
+    """Whether the model is a streaming recognizer (it has ``open_stream``)."""
+    return callable(getattr(model, "open_stream", None))
+
+
+class StreamState:
+    """One utterance's stream in a streaming model, and the order of the jobs that feed it.
+
+    Jobs get sequence numbers when they are made; each runs only after every earlier one has run or
+    been skipped, so the stream sees its audio in order whatever thread takes which job. A job that
+    was withdrawn before it ran is :meth:`skip`-ped (its audio goes into a later job); one that has
+    already begun cannot be, and counts.
+    """
+
+    def __init__(self, model: AsrModel, component: str, *, language: str | None, word_timestamps: bool,
+                 options: SessionOptions):
+        self.model = model
+        self.component = component
+        self._open_args = {"language": language, "word_timestamps": word_timestamps, "options": options}
+        self._stream: AsrStream | None = None
+        self._fed = 0  # samples fed so far
+        self._failure: ComponentFailure | None = None
+        self._cv = threading.Condition()
+        self._issued = 0
+        self._low = 0  # every sequence number below this has run or was skipped
+        self._settled: set[int] = set()
+        self._claimed: set[int] = set()
+
+    def job(self, audio: Any, *, finish: bool = False, close: bool = False) -> StreamCall:
+        """The next job of this stream (made on the event loop, run by an inference thread)."""
+        seq, self._issued = self._issued, self._issued + 1
+        return StreamCall(self, seq, audio, finish, close)
+
+    def skip(self, call: StreamCall) -> bool:
+        """Mark a withdrawn job as done without running it; False if a thread has already begun it."""
+        with self._cv:
+            if call.seq in self._claimed:
+                return False
+            self._settle(call.seq)
+            return True
+
+    def run(self, call: StreamCall) -> AsrResult | None:
+        """Run one job in its turn (blocking)."""
+        with self._cv:
+            if call.seq in self._settled or call.seq < self._low:
+                return None  # skipped while a thread was picking it up
+            self._claimed.add(call.seq)
+            self._cv.wait_for(lambda: self._low >= call.seq)
+        try:
+            return self._step(call)
+        finally:
+            with self._cv:
+                self._settle(call.seq)
+
+    def _settle(self, seq: int) -> None:
+        """(caller holds the lock)"""
+        self._settled.add(seq)
+        while self._low in self._settled:
+            self._settled.discard(self._low)
+            self._low += 1
+        self._cv.notify_all()
+
+    def _step(self, call: StreamCall) -> AsrResult | None:
+        if self._failure is not None:
+            if call.close:
+                return None
+            raise self._failure  # a stream that failed once is not fed again
+        try:
+            if call.close:
+                closer = getattr(self._stream, "close", None)
+                if callable(closer):
+                    closer()
+                return None
+            if self._stream is None:
+                self._stream = self.model.open_stream(**self._open_args)  # type: ignore[attr-defined]
+            stream = self._stream
+            assert stream is not None
+            self._fed += len(call.audio)
+            result = stream.accept(call.audio) if len(call.audio) else None
+            if call.finish:
+                result = stream.finish()
+        except Exception as exc:
+            self._failure = ComponentFailure(self.component, f"stream {'finish' if call.finish else 'accept'} "
+                                                             f"raised {_brief(exc)}")
+            raise self._failure from exc
+        if result is None:
+            return None
+        try:
+            return check_result(result, self._fed / SAMPLE_RATE)
+        except ValueError as exc:
+            self._failure = ComponentFailure(self.component, f"stream broke its contract: {exc}")
+            raise self._failure from None
+
+
+@dataclass(frozen=True)
+class StreamCall:
+    """One job of a :class:`StreamState`: feed ``audio``, and with ``finish`` ask for the final."""
+
+    state: StreamState
+    seq: int
+    audio: Any
+    finish: bool = False
+    close: bool = False
+
+    def __call__(self) -> AsrResult | None:
+        return self.state.run(self)
 
 
 def model_languages(model: AsrModel) -> frozenset[str] | None:

@@ -255,6 +255,9 @@ class AsrModel(Protocol):
     - ``transcribe_many(requests: list[TranscribeRequest]) -> list[AsrResult]`` (with an optional
       ``max_batch: int``, default 8): the scheduler then decodes several waiting utterances, of
       several sessions, in one call.
+    - ``open_stream(*, language, word_timestamps, options) -> AsrStream``: a streaming recognizer.
+      The host then feeds each utterance's audio as it arrives instead of decoding it whole, and
+      asks the stream for the final when the utterance ends (see :class:`AsrStream`).
     """
 
     key: tuple
@@ -269,6 +272,26 @@ class AsrModel(Protocol):
 
         ``partial=True`` asks for a cheap interim hypothesis of an utterance still in progress
         (the text is all that is used); the final call uses the variant's own settings."""
+        ...
+
+
+@runtime_checkable
+class AsrStream(Protocol):
+    """One utterance in a streaming recognizer (``AsrModel.open_stream``): state kept between calls.
+
+    The host calls it from its inference threads, one call at a time and in order: ``accept`` with
+    each new piece of the utterance's audio, then ``finish`` once. Together the pieces are exactly
+    the audio a whole-utterance ``transcribe`` would get. A stream that is not finished (the
+    utterance was cleared) is dropped; ``close()``, when it has one, is called then.
+    """
+
+    def accept(self, audio: np.ndarray) -> AsrResult | None:
+        """The next float32 16 kHz mono piece of the utterance; a hypothesis of everything so far
+        (shown as a partial), or None."""
+        ...
+
+    def finish(self) -> AsrResult:
+        """The utterance ended: its final result, word times relative to the utterance's first sample."""
         ...
 
 
