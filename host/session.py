@@ -103,6 +103,7 @@ class Session:
         self._lag_warned: set[int] = set()
         self._finished = False
         self._finishing: asyncio.Future | None = None
+        self._failure: ComponentFailure | None = None  # a stage broke: the session ends with it
         self._status = "completed"
         self._error: str | None = None
 
@@ -122,6 +123,8 @@ class Session:
                     await self._on_text(message)
                 if self._finished:
                     break
+        except ComponentFailure as exc:  # a stage broke (the VAD): end with what was transcribed before it
+            await self._fail(exc)
         except Exception as exc:  # the connection dropping is handled below too
             if not _is_disconnect(exc):
                 log.exception("session %s failed", self.id)
@@ -134,7 +137,8 @@ class Session:
                 # on the decoder time live sessions leave free.
                 self.decoding.client_gone = True
                 self.services.on_released(self)
-            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL)
+            # After a stage broke, the unread audio behind it could hold the close handshake: don't wait.
+            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL, linger=self._failure is None)
             watchdog.cancel()
             record = self.record()
             if self.services.on_ended is not None:
@@ -175,17 +179,34 @@ class Session:
         self.services.on_released(self)  # the close handshake holds no capacity
         if self._abandoned:  # the lag budget ran out while finishing: closed like a lag cut
             close = msg.PROCESSING_LAG
+        elif self._failure is not None:
+            close = msg.INTERNAL
         await self.out.close(close, linger=linger)
 
     async def _finalize_open(self) -> None:
         """Endpoint the last audio and end the open utterance (caller holds the lock)."""
         try:
             tail = self.decoder.finish()
-            if tail.size:
+            if tail.size and self._failure is None:
                 await self._process(tail)
+        except ComponentFailure as exc:  # the speech before the tail is still finalized
+            await self._fail(exc)
+        except Exception:  # still deliver what we have
+            log.exception("session %s: finalizing failed", self.id)
+            return
+        try:
             await self._handle(self.vad.flush())
         except Exception:  # still deliver what we have
             log.exception("session %s: finalizing failed", self.id)
+
+    async def _fail(self, exc: ComponentFailure) -> None:
+        """A stage broke: report it (not recoverable, naming the component); the session ends with
+        every final of the speech before it."""
+        if self._failure is not None:
+            return
+        self._failure = exc
+        log.error("session %s: %s; ending the session", self.id, exc)
+        await self._give_up(ErrorCode.INTERNAL_ERROR, str(exc), f"{exc}; the session is ending")
 
     async def _give_up(self, code: ErrorCode, error: str, message: str, close: Close | None = None,
                        linger: bool = True) -> None:
@@ -355,10 +376,8 @@ class Session:
         windows = self.vad.take_windows(samples)
         if not len(windows):
             return
-        if self.vad.needs_model:
-            probabilities = await self.services.vad_batcher(self.engine.vad).probabilities(self.vad.stream, windows)
-        else:
-            probabilities = self.vad.stream.probabilities(windows)
+        batcher = self.services.vad_batcher(self.engine.vad) if self.vad.needs_model else None
+        probabilities = await self.vad.probabilities(windows, batcher, self.engine.component("vad"))
         await self._handle(self.vad.endpoint(probabilities))
         self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
         self.decoding.request_partial()
