@@ -1,14 +1,10 @@
 """One ``/session``: receiver → VAD → ASR → assembler → sender.
 
-Audio frames are decoded on the event loop (:mod:`host.audio`, cheap numpy
-work); their VAD windows run off the loop, batched with other sessions'
-(:mod:`host.vad`), and are endpointed one frame at a time. Each finished
-utterance is submitted to the model's inference queue at once (or reuses the
-speculative decode started during its endpoint silence); a chain of delivery
-tasks sends the finals strictly in utterance order, and ``flush.done`` and
-``session.end`` join the same chain so they follow every final before them.
-Partials of the open utterance are requested as audio arrives, one in flight
-at a time, and dropped if their utterance has ended when they return.
+Audio frames are decoded on the event loop (:mod:`host.audio`, cheap numpy work); their VAD
+windows run off the loop, batched with other sessions' (:mod:`host.vad`), and are endpointed one
+frame at a time. :mod:`host.decoding` decides which decodes each utterance gets (speculative,
+final, partials); a chain of delivery tasks sends the finals strictly in utterance order, and
+``flush.done`` and ``session.end`` join the same chain so they follow every final before them.
 """
 
 from __future__ import annotations
@@ -20,22 +16,22 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from host import protocol as msg
+from host.asr import ComponentFailure
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
+from host.decoding import UtteranceDecoder
 from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 from host.limits import TokenBucket
 from host.metrics import Metrics
 from host.models import LoadedEngine
-from host.partials import LocalAgreement
 from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
 from host.recording import SessionRecorder
-from host.scheduler import FINAL, PARTIAL, SPECULATIVE, Scheduler, Ticket
+from host.scheduler import Scheduler
 from host.sender import Sender
 from host.session_config import SessionConfig, check_language
 from host.vad import VadBatcher, VadStage
@@ -76,15 +72,6 @@ class SessionServices:
     on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
 
 
-class _Speculation(NamedTuple):
-    """A speculative decode of the open utterance as if it ended at ``end``."""
-
-    utterance_id: int
-    end: int
-    words: bool
-    ticket: Ticket
-
-
 class Session:
     def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
         self.id = f"sess_{uuid.uuid4().hex[:16]}"
@@ -96,37 +83,27 @@ class Session:
         self.buffer = AudioBuffer()
         self.vad = VadStage(engine.vad if config.enable_vad else None, engine.endpointing)
         self.transcript = engine.assembler.open_session()
-        self.language = config.language
-        self.model = engine.asr.variants[config.model]
-        self.queue = services.scheduler.queue_for(self.model.key, self.model.parallelism)
         self.info = SessionInfo(self.id, engine.id, config.public(), services.worker_id)
         self.recorder = services.recorder(self.id) if services.recorder is not None else None
+        model = engine.asr.variants[config.model]
+        self.decoding = UtteranceDecoder(
+            model, services.scheduler.queue_for(model.key, model.parallelism), self.buffer,
+            component=engine.component("asr"), config=self.info.config, session_id=self.id,
+            recorded=self.recorder is not None, partial_interval_s=services.partial_interval_s,
+            metrics=services.metrics, send=self.out.send)
         self.started_at = time.time()
-        self._opened = self._last_message = time.monotonic()
+        self._opened = self._last_message = self.decoding.opened
         self._control_rate = TokenBucket(services.max_control_per_s, 2 * services.max_control_per_s)
         self._rate_reported = 0.0
-        self.speech_seconds = 0.0
         self.errors: dict[str, int] = {}
         self._ws = ws
         self._lock = asyncio.Lock()  # one pipeline step at a time (frames, control, finish)
         self._tail: asyncio.Task | None = None
-        self._utterance: tuple[int, int] | None = None  # (id, start sample) of the open utterance
-        self._agreement = LocalAgreement()
-        self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
-        self._partial_from = 0  # buffer position the last partial request covered
-        self._partial_tasks: set[asyncio.Task] = set()
-        self._speculative: _Speculation | None = None
-        self._previous_end = -1  # end sample of the last utterance
-        self._awaiting: dict[int, float] = {}  # utterance id -> monotonic time its endpoint fired
-        self._pending: dict[int, Ticket] = {}  # utterance id -> its final's decode, until it settles
-        self._settled = asyncio.Event()  # set whenever a final's decode settles
-        self._held_back = False  # waiting for room in the final queue (backpressure): not idle
-        self._client_gone = False  # disconnected without `end`: its last finals are for the record only
         self._abandoned = False  # the lag budget ran out after `end`: queued finals were withdrawn
         self._lag_warned: set[int] = set()
-        self._next_utterance = 0
         self._finished = False
         self._finishing: asyncio.Future | None = None
+        self._failure: ComponentFailure | None = None  # a stage broke: the session ends with it
         self._status = "completed"
         self._error: str | None = None
 
@@ -146,19 +123,22 @@ class Session:
                     await self._on_text(message)
                 if self._finished:
                     break
+        except ComponentFailure as exc:  # a stage broke (the VAD): end with what was transcribed before it
+            await self._fail(exc)
         except Exception as exc:  # the connection dropping is handled below too
             if not _is_disconnect(exc):
                 log.exception("session %s failed", self.id)
-                self._status, self._error = "error", f"{type(exc).__name__}: {exc}"
-                await self._report(ErrorCode.INTERNAL_ERROR, "internal error; the session is ending", recoverable=False)
+                await self._give_up(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",
+                                    "internal error; the session is ending")
         finally:
             if not self._finished:
                 # The client went away without `end`: nobody waits for this session's finals, so
                 # its slot is free now; finalizing (and recording) what was said goes on after,
                 # on the decoder time live sessions leave free.
-                self._client_gone = True
+                self.decoding.client_gone = True
                 self.services.on_released(self)
-            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL)
+            # After a stage broke, the unread audio behind it could hold the close handshake: don't wait.
+            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL, linger=self._failure is None)
             watchdog.cancel()
             record = self.record()
             if self.services.on_ended is not None:
@@ -183,16 +163,13 @@ class Session:
             if self._finished:
                 return
             self._finished = True
-            try:
-                tail = self.decoder.finish()
-                if tail.size:
-                    await self._process(tail)
-                await self._handle(self.vad.flush())
-            except Exception:  # still deliver what we have
-                log.exception("session %s: finalizing failed", self.id)
+            self.decoding.stopped = True
+            await self._finalize_open()
         if self._tail is not None:
             await self._tail
-        end = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
+        if self._status == "completed" and (all_failed := self.decoding.all_failed()) is not None:
+            self._status, self._error = "error", all_failed
+        end = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.decoding.speech_seconds,
                               self.transcript.segments, self.config.word_timestamps)
         if self.recorder is not None:
             uris = await self.recorder.close(self._recorded_transcript())
@@ -202,11 +179,46 @@ class Session:
         self.services.on_released(self)  # the close handshake holds no capacity
         if self._abandoned:  # the lag budget ran out while finishing: closed like a lag cut
             close = msg.PROCESSING_LAG
+        elif self._failure is not None:
+            close = msg.INTERNAL
         await self.out.close(close, linger=linger)
+
+    async def _finalize_open(self) -> None:
+        """Endpoint the last audio and end the open utterance (caller holds the lock)."""
+        try:
+            tail = self.decoder.finish()
+            if tail.size and self._failure is None:
+                await self._process(tail)
+        except ComponentFailure as exc:  # the speech before the tail is still finalized
+            await self._fail(exc)
+        except Exception:  # still deliver what we have
+            log.exception("session %s: finalizing failed", self.id)
+            return
+        try:
+            await self._handle(self.vad.flush())
+        except Exception:  # still deliver what we have
+            log.exception("session %s: finalizing failed", self.id)
+
+    async def _fail(self, exc: ComponentFailure) -> None:
+        """A stage broke: report it (not recoverable, naming the component); the session ends with
+        every final of the speech before it."""
+        if self._failure is not None:
+            return
+        self._failure = exc
+        log.error("session %s: %s; ending the session", self.id, exc)
+        await self._give_up(ErrorCode.INTERNAL_ERROR, str(exc), f"{exc}; the session is ending")
+
+    async def _give_up(self, code: ErrorCode, error: str, message: str, close: Close | None = None,
+                       linger: bool = True) -> None:
+        """Record ``error`` as the session's, send a non-recoverable error, and with ``close`` finish."""
+        self._status, self._error = "error", error
+        await self._report(code, message, recoverable=False)
+        if close is not None:
+            await self.finish(close, linger=linger)
 
     def _recorded_transcript(self) -> dict[str, Any]:
         """The transcript JSON of a recording: session.end with words, plus config and timings."""
-        document = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.speech_seconds,
+        document = msg.session_end(self.id, self.buffer.end / SAMPLE_RATE, self.decoding.speech_seconds,
                                    self.transcript.segments, with_words=True)
         del document["type"]
         document.update(worker_id=self.services.worker_id, engine=self.engine.id, config=self.config.public(),
@@ -215,19 +227,10 @@ class Session:
         return document
 
     def record(self) -> SessionRecord:
-        return SessionRecord(
-            session_id=self.id,
-            worker_id=self.services.worker_id,
-            engine=self.engine.id,
-            model=self.config.model,
-            status=self._status,
-            started_at=self.started_at,
-            ended_at=time.time(),
-            audio_seconds=round(self.buffer.end / SAMPLE_RATE, 3),
-            speech_seconds=round(self.speech_seconds, 3),
-            segments=len(self.transcript.segments),
-            error=self._error,
-        )
+        return SessionRecord(self.id, self.services.worker_id, self.engine.id, self.config.model, self._status,
+                             self.started_at, time.time(), audio_seconds=round(self.buffer.end / SAMPLE_RATE, 3),
+                             speech_seconds=round(self.decoding.speech_seconds, 3), segments=len(self.transcript.segments),
+                             error=self._error)
 
     # --- client messages ----------------------------------------------------
 
@@ -250,7 +253,7 @@ class Session:
     async def _watch(self, every_s: float = 0.25) -> None:
         """Check limits between frames too: a client may stop sending while finals fall behind,
         and after `end` while the last finals are decoded (the lag budget holds until session.end)."""
-        while not self._finished or self._awaiting:
+        while not self._finished or self.decoding.awaiting:
             await asyncio.sleep(every_s)
             if self._finished:
                 await self._check_lag_after_end()
@@ -264,29 +267,24 @@ class Session:
             return
         # A compat dialect's connection also counts vendor messages that map to no native one.
         last = max(self._last_message, getattr(self._ws, "last_activity", 0.0))
-        if s.idle_timeout_s and now - last >= s.idle_timeout_s and not self._held_back:
-            self._status, self._error = "error", "idle_timeout"
-            await self._report(ErrorCode.IDLE_TIMEOUT, f"no audio or message for {s.idle_timeout_s:g} s; ending the session",
-                               recoverable=False)
-            await self.finish(msg.IDLE_TIMEOUT, linger=False)
+        if s.idle_timeout_s and now - last >= s.idle_timeout_s and not self.decoding.held_back:
+            await self._give_up(ErrorCode.IDLE_TIMEOUT, "idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; "
+                                "ending the session", msg.IDLE_TIMEOUT, linger=False)
         elif s.max_session_s and now - self._opened >= s.max_session_s:
-            self._status, self._error = "error", "max_duration"
-            await self._report(ErrorCode.MAX_DURATION, f"the session reached the {s.max_session_s:g} s limit; ending it",
-                               recoverable=False)
-            await self.finish(msg.SESSION_TOO_LONG)
+            await self._give_up(ErrorCode.MAX_DURATION, "max_duration", f"the session reached the {s.max_session_s:g} s "
+                                "limit; ending it", msg.SESSION_TOO_LONG)
 
     async def _check_lag(self) -> None:
         """Warn when finals fall behind; past the hard limit end the session rather than drift."""
-        if not self._awaiting or self._finished:
+        oldest = self.decoding.oldest_awaiting()
+        if oldest is None or self._finished:
             return
-        now = time.monotonic()
-        uid, since = min(self._awaiting.items(), key=lambda item: item[1])
-        lag = now - since
+        uid, since = oldest
+        lag = time.monotonic() - since
         if lag >= self.services.lag_limit_s:
-            self._status, self._error = "error", f"processing_lag {lag:.1f} s"
-            await self._report(ErrorCode.PROCESSING_LAG, f"transcription is {lag:.1f} s behind the audio "
-                               f"(limit {self.services.lag_limit_s:g} s); ending the session", recoverable=False)
-            await self.finish(msg.PROCESSING_LAG)
+            await self._give_up(ErrorCode.PROCESSING_LAG, f"processing_lag {lag:.1f} s", f"transcription is {lag:.1f} s "
+                                f"behind the audio (limit {self.services.lag_limit_s:g} s); ending the session",
+                                msg.PROCESSING_LAG)
         elif lag >= self.services.lag_warning_s and uid not in self._lag_warned:
             self._lag_warned.add(uid)
             await self.out.send(msg.warning(ErrorCode.PROCESSING_LAG, f"the final of utterance {uid} is "
@@ -295,38 +293,24 @@ class Session:
     async def _check_lag_after_end(self) -> None:
         """After `end` the session is finishing; past the lag limit its queued finals are withdrawn
         (those already decoding still arrive), so a session that has left cannot keep the decoders."""
-        if self._abandoned or not self._awaiting:
+        oldest = self.decoding.oldest_awaiting()
+        if self._abandoned or oldest is None:
             return
-        lag = time.monotonic() - min(self._awaiting.values())
+        lag = time.monotonic() - oldest[1]
         if lag < self.services.lag_limit_s:
             return
         self._abandoned = True
-        withdrawn = sorted(uid for uid, ticket in self._pending.items() if ticket.cancel())
-        self._status, self._error = "error", f"processing_lag {lag:.1f} s"
-        await self._report(ErrorCode.PROCESSING_LAG, f"transcription is {lag:.1f} s behind the audio (limit "
-                           f"{self.services.lag_limit_s:g} s) after end; {len(withdrawn)} queued utterance(s) "
-                           f"withdrawn: {withdrawn[:20]}", recoverable=False)
+        withdrawn = self.decoding.withdraw_queued()
+        await self._give_up(ErrorCode.PROCESSING_LAG, f"processing_lag {lag:.1f} s", f"transcription is {lag:.1f} s "
+                            f"behind the audio (limit {self.services.lag_limit_s:g} s) after end; {len(withdrawn)} "
+                            f"queued utterance(s) withdrawn: {withdrawn[:20]}")
 
     async def _room_for_finals(self) -> None:
         """Backpressure: while this session has ``max_pending_finals`` final decodes unsettled, stop reading
         its messages (TCP then slows the client) instead of queueing more decodes. A flush storm or a
         fast upload so holds at most that many jobs in the shared queue."""
-        limit = max(1, self.services.max_pending_finals)
-        if len(self._pending) < limit:
-            return
-        self._held_back = True
-        try:
-            while len(self._pending) >= limit and not self._finished:
-                self._settled.clear()
-                await self._settled.wait()
-        finally:
-            self._held_back = False
-            self._last_message = time.monotonic()
-
-    def _bulk(self) -> bool:
-        """Whether the client sends audio faster than real time (an upload), or has gone: its
-        decodes then use the capacity real-time sessions leave free."""
-        return self._client_gone or self.buffer.end / SAMPLE_RATE - (time.monotonic() - self._opened) > BULK_AHEAD_S
+        if await self.decoding.room_for_finals(max(1, self.services.max_pending_finals), lambda: self._finished):
+            self._last_message = time.monotonic()  # waiting on us is not the client idling
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -345,12 +329,8 @@ class Session:
                 await self._report(ErrorCode.RATE_LIMITED, f"more than {self.services.max_control_per_s:g} control "
                                    "messages per second; extra messages are dropped", recoverable=True)
             return
-        handler = {
-            "config": self._on_config,
-            "flush": self._on_flush,
-            "clear": self._on_clear,
-            "end": self._on_end,
-        }.get(kind) if isinstance(kind, str) else None
+        handlers = {"config": self._on_config, "flush": self._on_flush, "clear": self._on_clear, "end": self._on_end}
+        handler = handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             shown = kind if isinstance(kind, str) else "(missing)"
             await self._report(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {shown!r}; "
@@ -364,7 +344,7 @@ class Session:
             if unknown:
                 raise ConfigError(ascii(unknown[0]), "cannot be changed during a session (only language can)")
             if "language" in message:
-                self.language = check_language(message["language"], self.engine.spec)
+                self.decoding.language = check_language(message["language"], self.engine.spec)
         except ConfigError as exc:
             await self._report(ErrorCode.INVALID_CONFIG, str(exc), recoverable=True, param=exc.param)
 
@@ -374,7 +354,7 @@ class Session:
             if self._finished:
                 return
             await self._handle(self.vad.flush())
-            self._after_finals(lambda: self.out.send(msg.flush_done()))
+            self._chain(self.out.send(msg.flush_done()))
 
     async def _on_clear(self, message: dict) -> None:
         async with self._lock:
@@ -396,158 +376,51 @@ class Session:
         windows = self.vad.take_windows(samples)
         if not len(windows):
             return
-        if self.vad.needs_model:
-            probabilities = await self.services.vad_batcher(self.engine.vad).probabilities(self.vad.stream, windows)
-        else:
-            probabilities = self.vad.stream.probabilities(windows)
+        batcher = self.services.vad_batcher(self.engine.vad) if self.vad.needs_model else None
+        probabilities = await self.vad.probabilities(windows, batcher, self.engine.component("vad"))
         await self._handle(self.vad.endpoint(probabilities))
         self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
-        self._request_partial()
+        self.decoding.request_partial()
 
     async def _handle(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, SpeechStart):
-                self._utterance = (self._next_utterance, event.sample)
-                self._next_utterance += 1
-                self._agreement = LocalAgreement()
-                self._partial_from = event.sample
+                self.decoding.start(event.sample)
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
-            elif isinstance(event, SpeechPause) and self._utterance is not None:
-                self._speculate(event.sample)
+            elif isinstance(event, SpeechPause):
+                self.decoding.pause(event.sample)
             elif isinstance(event, SpeechResume):
-                # Withdraw the guess now, not at the next pause: under load it would otherwise wait
-                # in the queue and could still take a thread for audio that is no longer the end.
-                self._drop_speculative()
-            elif isinstance(event, SpeechEnd) and self._utterance is not None:
-                uid, start = self._utterance
-                self._utterance = None
-                if self._partial is not None:
-                    self._partial[1].cancel()  # not started yet: its utterance is over
+                self.decoding.resume()
+            elif isinstance(event, SpeechEnd) and (closed := self.decoding.close()) is not None:
+                uid, start = closed
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
-                if event.reason != "clear":
-                    self._finalize(Utterance(uid, start / SAMPLE_RATE, event.sample / SAMPLE_RATE),
-                                   start, event.sample, self._wants_words(start, cut=event.reason != "silence"))
-                else:
-                    self._drop_speculative()
-                self._previous_end = event.sample
-
-    def _transcribe_job(self, audio: np.ndarray, *, words: bool = False, partial_: bool = False):
-        language = None if self.language == "auto" else self.language
-        return partial(self.model.transcribe, audio, language=language, word_timestamps=words, partial=partial_)
-
-    def _wants_words(self, start: int, cut: bool = False) -> bool:
-        """Whether the final of an utterance starting at ``start`` needs word timings: the client
-        asked for them, the session is recorded, or the utterance borders a cut that was not a
-        pause (the assembler drops words repeated across such a cut by their times). Otherwise
-        word alignment, a second decoder pass, is skipped: about a tenth of a final's compute."""
-        return (self.config.word_timestamps or self.recorder is not None or cut
-                or start <= self._previous_end)
-
-    def _speculate(self, end: int) -> None:
-        """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
-        assert self._utterance is not None  # the caller checked
-        uid, start = self._utterance
-        self._drop_speculative()
-        if self.queue.waiting(SPECULATIVE):
-            return  # finals are queued: a guess that speech may resume would only delay them
-        words = self._wants_words(start)
-        ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), SPECULATIVE,
-                                   owner=self.id, bulk=self._bulk())
-        self._speculative = _Speculation(uid, end, words, ticket)
-
-    def _drop_speculative(self) -> None:
-        """Forget the speculative decode, withdrawing it if no thread has started it."""
-        if self._speculative is not None:
-            withdrawn = self._speculative.ticket.cancel()
-            self.services.metrics.speculative.labels("withdrawn" if withdrawn else "wasted").inc()
-            self._speculative = None
-
-    def _finalize(self, utterance: Utterance, start: int, end: int, words: bool) -> None:
-        self.speech_seconds += utterance.end - utterance.start
-        self.services.metrics.speech_seconds.inc(utterance.end - utterance.start)
-        ticket = None
-        spec, self._speculative = self._speculative, None
-        if spec is not None:
-            withdrawn = spec.ticket.cancel()  # a guess for other audio must not keep a decoder busy
-            if (spec.utterance_id, spec.end, spec.words) == (utterance.id, end, words) and not withdrawn:
-                ticket = spec.ticket  # already decoding or decoded exactly this audio: reuse it
-            outcome = "withdrawn" if withdrawn else "used" if ticket is not None else "wasted"
-            self.services.metrics.speculative.labels(outcome).inc()
-        if ticket is None:
-            ticket = self.queue.submit(self._transcribe_job(self.buffer.slice(start, end), words=words), FINAL,
-                                       owner=self.id, bulk=self._bulk())
-        self._awaiting[utterance.id] = time.monotonic()
-        self._pending[utterance.id] = ticket
-        ticket.future.add_done_callback(lambda _: self._final_settled(utterance.id))
-        self._chain(self._deliver_final(utterance, ticket.future))
-
-    def _final_settled(self, uid: int) -> None:
-        self._pending.pop(uid, None)
-        self._settled.set()
+                if event.reason == "clear":
+                    self.decoding.discard(event.sample)
+                    continue
+                utterance, ticket = self.decoding.finalize(uid, start, event.sample, cut=event.reason != "silence")
+                self._chain(self._deliver_final(utterance, ticket.future))
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:
-            result = await future
+            result = await self.decoding.result(utterance.id, future)
         except asyncio.CancelledError:
             if not (self._abandoned and future.cancelled()):
                 raise
             return  # withdrawn by the lag budget after `end` (reported once, with the ids)
-        except Exception as exc:  # one failed utterance must not end the session
-            log.exception("session %s: transcription of utterance %d failed", self.id, utterance.id)
-            await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
-                               f"{type(exc).__name__}", recoverable=True, utterance_id=utterance.id)
-            return
         finally:
-            endpointed_at = self._awaiting.pop(utterance.id, None)
+            endpointed_at = self.decoding.delivered(utterance.id)
+        if isinstance(result, ComponentFailure):  # reported; the session goes on
+            await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
+                               f"{result}", recoverable=True, utterance_id=utterance.id)
+            return
         segment = self.transcript.add(utterance, result)
         if segment is not None:
+            self.decoding.previous_text = segment.text
             await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
             if endpointed_at is not None:
                 self.services.metrics.final_latency.observe(time.monotonic() - endpointed_at)
-
-    def _request_partial(self) -> None:
-        """Ask for a partial of the open utterance when enough new audio came since the last one."""
-        if not self.config.interim_results or self._utterance is None or self._finished:
-            return
-        uid, start = self._utterance
-        if self._partial is not None and self._partial[0] == uid:
-            return  # one in flight for this utterance; the next is asked for when it returns
-        pos = self.buffer.end
-        first = self._partial_from == start
-        # Until a partial with text was sent, ask again sooner: the first one is the one users wait for.
-        interval = self.services.partial_interval_s * (1.0 if self._agreement.shown else 0.4)
-        if not first and pos - self._partial_from < interval * SAMPLE_RATE:
-            return
-        self._partial_from = pos
-        ticket = self.queue.submit(
-            self._transcribe_job(self.buffer.slice(start, pos), partial_=True), PARTIAL,
-            stale=lambda: self._utterance is None or self._utterance[0] != uid, owner=self.id, bulk=self._bulk(),
-        )
-        self._partial = (uid, ticket)
-        task = asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
-        self._partial_tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._partial_tasks.discard)
-
-    async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket, asked_at: float) -> None:
-        try:
-            result = await ticket.future
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a skipped or failed partial is just dropped
-            result = None
-        finally:
-            if self._partial is not None and self._partial[1] is ticket:
-                self._partial = None
-        # Only while its utterance is still open: a partial never follows its speech_end or final.
-        if result is not None and self._utterance is not None and self._utterance[0] == uid:
-            text = self._agreement.update(result.text)
-            if text:
-                await self.out.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
-                self.services.metrics.partial_latency.observe(time.monotonic() - asked_at)
-        self._request_partial()
-
-    def _after_finals(self, send: Callable[[], Awaitable[Any]]) -> None:
-        self._chain(send())
 
     def _chain(self, step: Awaitable[Any]) -> None:
         """Run ``step`` after every step chained before it, in order."""
@@ -570,10 +443,6 @@ class Session:
         log.info("session %s: %s (%s)", self.id, code, message)
         await self.out.send(msg.error(code, message, recoverable, **fields))
 
-
-BULK_AHEAD_S = 2.0
-"""Audio this far ahead of the session's wall-clock age marks an upload: its decodes are served after
-every real-time session's (12 uploads at 100x made a real-time session's finals 5-9 s late)."""
 
 def _is_disconnect(exc: BaseException) -> bool:
     from websockets.exceptions import ConnectionClosed

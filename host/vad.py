@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from host.asr import ComponentFailure, _brief
 from host.contracts import SAMPLE_RATE, VadModel, VadStream
 from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd
 
@@ -65,6 +66,19 @@ class VadStage:
             self._recent = np.concatenate([self._recent, windows[self._skip:]])[-self._warm_windows:]
         return windows
 
+    async def probabilities(self, windows: np.ndarray, batcher: VadBatcher | None, component: str) -> np.ndarray:
+        """The speech probabilities of ``windows`` (from ``batcher``, or the stream itself without a model),
+        checked at the seam: a VAD that raises, or answers the wrong number of probabilities or non-finite
+        ones, fails as a :class:`ComponentFailure` naming ``component`` (it would shift the timeline)."""
+        try:
+            if batcher is not None:
+                probabilities = await batcher.probabilities(self.stream, windows)
+            else:
+                probabilities = self.stream.probabilities(windows)
+        except Exception as exc:
+            raise ComponentFailure(component, f"probabilities raised {_brief(exc)}") from exc
+        return checked_probabilities(probabilities, len(windows), component)
+
     def endpoint(self, probabilities: np.ndarray) -> list[Event]:
         probabilities, self._skip = probabilities[self._skip:], 0
         self.windows += len(probabilities)
@@ -102,6 +116,21 @@ class VadStage:
     def position(self) -> int:
         """Samples endpointed so far (the last partial window is not yet counted)."""
         return self.endpointer.position
+
+
+def checked_probabilities(probabilities: object, windows: int, component: str) -> np.ndarray:
+    """``probabilities`` if it is ``windows`` finite numbers, else :class:`ComponentFailure` saying how not."""
+    p = np.asarray(probabilities)
+    if p.dtype.kind not in "fiub":
+        raise ComponentFailure(component, f"probabilities returned {type(probabilities).__name__} of {p.dtype}, "
+                                          f"not numbers for {windows} windows")
+    if p.ndim != 1 or len(p) != windows:
+        got = len(p) if p.ndim == 1 else f"shape {p.shape}"
+        raise ComponentFailure(component, f"probabilities returned {got} probabilities for {windows} windows")
+    if not np.isfinite(p).all():
+        bad = int(np.count_nonzero(~np.isfinite(p)))
+        raise ComponentFailure(component, f"probabilities returned {bad} non-finite value(s) for {windows} windows")
+    return p
 
 
 class VadBatcher:
@@ -160,13 +189,18 @@ class VadBatcher:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 try:
                     results = await loop.run_in_executor(self.executor, self._run, batch)
+                    if not isinstance(results, list) or len(results) != len(batch):
+                        # zip() would leave the sessions without an answer waiting forever
+                        n = len(results) if isinstance(results, list) else type(results).__name__
+                        raise ValueError(f"run_batch returned {n} results for {len(batch)} streams")
                 except Exception as exc:  # noqa: BLE001 - delivered to each waiting session
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
+                    results = [exc] * len(batch)
                 for (*_, future), probs in zip(batch, results):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(probs, Exception):
+                        future.set_exception(probs)
+                    else:
                         future.set_result(probs)
         finally:
             self._draining = False
@@ -211,14 +245,14 @@ class VadBatcher:
         return (self.interval_s > 0 and self._streams_last_second > 1
                 and self._arrivals_last_second * self.interval_s >= 4)
 
-    def _run(self, batch) -> list[np.ndarray]:
+    def _run(self, batch) -> list[np.ndarray | Exception]:
         started = time.thread_time()
         try:
             return self._compute(batch)
         finally:
             self.cpu_seconds += time.thread_time() - started
 
-    def _compute(self, batch) -> list[np.ndarray]:
+    def _compute(self, batch) -> list[np.ndarray | Exception]:
         self.windows += sum(len(w) for _, w, _ in batch)
         run_batch = getattr(self.model, "run_batch", None)
         if run_batch is not None:
@@ -227,7 +261,7 @@ class VadBatcher:
         batched = getattr(self.model, "batch_probabilities", None)
         if batched is None or len(batch) == 1:
             self.calls += len(batch)
-            return [stream.probabilities(windows) for stream, windows, _ in batch]
+            return [_probabilities_or_failure(stream, windows) for stream, windows, _ in batch]
         out = [np.empty(len(windows), dtype=np.float32) for _, windows, _ in batch]
         # Round k takes the k-th window of every request that has one: each stream's
         # windows stay in order, and its recurrent state advances one window per round.
@@ -237,4 +271,12 @@ class VadBatcher:
             for i, p in zip(rows, probs):
                 out[i][k] = p
             self.calls += 1
-        return out
+        return list(out)
+
+
+def _probabilities_or_failure(stream: VadStream, windows: np.ndarray) -> np.ndarray | Exception:
+    """One stream's probabilities, or what it raised: one broken stream fails only its own session."""
+    try:
+        return stream.probabilities(windows)
+    except Exception as exc:  # noqa: BLE001 - delivered to that stream's session
+        return exc
