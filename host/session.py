@@ -14,8 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -26,53 +25,20 @@ from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
 from host.decoding import UtteranceDecoder
 from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
-from host.limits import TokenBucket
-from host.metrics import Metrics
+from host.limits import SessionLimits, TokenBucket
 from host.models import LoadedEngine
 from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
-from host.recording import SessionRecorder
-from host.scheduler import Scheduler
 from host.sender import Sender
+from host.services import SessionServices
 from host.session_config import SessionConfig, check_language
-from host.vad import VadBatcher, VadStage
+from host.vad import VadStage
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SessionServices:
-    """What a session needs from its worker."""
+class Session(SessionLimits):
+    """One client connection's pipeline; :meth:`run` serves it to the end."""
 
-    worker_id: str
-    scheduler: Scheduler
-    vad_batcher: Callable[[Any], VadBatcher]
-    """The shared :class:`VadBatcher` of a VAD model."""
-    max_frame_bytes: int
-    partial_interval_s: float
-    """New audio (seconds) between two partial requests of an open utterance."""
-    lag_warning_s: float
-    """A final waiting this long after its endpoint triggers a processing_lag warning."""
-    lag_limit_s: float
-    """...and this long ends the session with a processing_lag error."""
-    metrics: Metrics
-    idle_timeout_s: float = 0.0
-    """No client message for this long ends the session (0: never)."""
-    max_session_s: float = 0.0
-    """A session open this long is ended (0: no limit)."""
-    max_control_per_s: float = 0.0
-    """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
-    max_pending_finals: int = 4
-    """Final decodes one session may have queued or running; past this its messages wait (backpressure).
-    Real-time speech rarely has two; a flush storm without it queued 645 and starved every other session."""
-    recorder: Callable[[str], SessionRecorder] | None = None
-    """Makes the recorder of a session id; None: recording is off."""
-    on_started: Callable[[SessionInfo], None] = lambda info: None
-    on_released: Callable[[Session], None] = lambda session: None
-    """The session gives back its capacity slot: its client is gone, or has session.end."""
-    on_ended: Callable[[SessionInfo, SessionRecord], Awaitable[None]] | None = None
-
-
-class Session:
     def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
         self.id = f"sess_{uuid.uuid4().hex[:16]}"
         self.engine = engine
@@ -249,68 +215,6 @@ class Session:
             if not self._finished:
                 await self._process(samples)
         await self._check_lag()
-
-    async def _watch(self, every_s: float = 0.25) -> None:
-        """Check limits between frames too: a client may stop sending while finals fall behind,
-        and after `end` while the last finals are decoded (the lag budget holds until session.end)."""
-        while not self._finished or self.decoding.awaiting:
-            await asyncio.sleep(every_s)
-            if self._finished:
-                await self._check_lag_after_end()
-            else:
-                await self._check_lag()
-                await self._check_time_limits()
-
-    async def _check_time_limits(self) -> None:
-        now, s = time.monotonic(), self.services
-        if self._finished:
-            return
-        # A compat dialect's connection also counts vendor messages that map to no native one.
-        last = max(self._last_message, getattr(self._ws, "last_activity", 0.0))
-        if s.idle_timeout_s and now - last >= s.idle_timeout_s and not self.decoding.held_back:
-            await self._give_up(ErrorCode.IDLE_TIMEOUT, "idle_timeout", f"no audio or message for {s.idle_timeout_s:g} s; "
-                                "ending the session", msg.IDLE_TIMEOUT, linger=False)
-        elif s.max_session_s and now - self._opened >= s.max_session_s:
-            await self._give_up(ErrorCode.MAX_DURATION, "max_duration", f"the session reached the {s.max_session_s:g} s "
-                                "limit; ending it", msg.SESSION_TOO_LONG)
-
-    async def _check_lag(self) -> None:
-        """Warn when finals fall behind; past the hard limit end the session rather than drift."""
-        oldest = self.decoding.oldest_awaiting()
-        if oldest is None or self._finished:
-            return
-        uid, since = oldest
-        lag = time.monotonic() - since
-        if lag >= self.services.lag_limit_s:
-            await self._give_up(ErrorCode.PROCESSING_LAG, f"processing_lag {lag:.1f} s", f"transcription is {lag:.1f} s "
-                                f"behind the audio (limit {self.services.lag_limit_s:g} s); ending the session",
-                                msg.PROCESSING_LAG)
-        elif lag >= self.services.lag_warning_s and uid not in self._lag_warned:
-            self._lag_warned.add(uid)
-            await self.out.send(msg.warning(ErrorCode.PROCESSING_LAG, f"the final of utterance {uid} is "
-                                            f"{lag:.1f} s late", lag_s=round(lag, 2)))
-
-    async def _check_lag_after_end(self) -> None:
-        """After `end` the session is finishing; past the lag limit its queued finals are withdrawn
-        (those already decoding still arrive), so a session that has left cannot keep the decoders."""
-        oldest = self.decoding.oldest_awaiting()
-        if self._abandoned or oldest is None:
-            return
-        lag = time.monotonic() - oldest[1]
-        if lag < self.services.lag_limit_s:
-            return
-        self._abandoned = True
-        withdrawn = self.decoding.withdraw_queued()
-        await self._give_up(ErrorCode.PROCESSING_LAG, f"processing_lag {lag:.1f} s", f"transcription is {lag:.1f} s "
-                            f"behind the audio (limit {self.services.lag_limit_s:g} s) after end; {len(withdrawn)} "
-                            f"queued utterance(s) withdrawn: {withdrawn[:20]}")
-
-    async def _room_for_finals(self) -> None:
-        """Backpressure: while this session has ``max_pending_finals`` final decodes unsettled, stop reading
-        its messages (TCP then slows the client) instead of queueing more decodes. A flush storm or a
-        fast upload so holds at most that many jobs in the shared queue."""
-        if await self.decoding.room_for_finals(max(1, self.services.max_pending_finals), lambda: self._finished):
-            self._last_message = time.monotonic()  # waiting on us is not the client idling
 
     async def _on_text(self, text: str) -> None:
         try:

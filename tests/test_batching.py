@@ -9,7 +9,6 @@ timing.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 import threading
 from collections import deque
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import yaml
 
-import host.session
 from engine_host_asr_faster_whisper import OPTIONS_SCHEMA as WHISPER_OPTIONS
 from engine_host_asr_faster_whisper import build as build_whisper
 from host.asr import DEFAULT_MAX_BATCH, AsrCall, ComponentFailure
@@ -291,11 +289,6 @@ async def test_an_owner_at_its_thread_cap_joins_a_batch_only_when_nobody_else_wa
 # --- end to end: a worker whose engine batches --------------------------------------------------------
 
 
-def sessions_submit_asr_calls() -> bool:
-    """Whether sessions submit host.asr.AsrCall jobs (contract v2) rather than functools.partial ones."""
-    return "AsrCall" in inspect.getsource(host.session)
-
-
 @pytest.fixture
 def batched_engines(tmp_path) -> Path:
     """engines.d with one engine: the default one, its ASR served by the batching test plugin (fast only)."""
@@ -310,8 +303,6 @@ def batched_engines(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.skipif(not sessions_submit_asr_calls(), reason="session jobs are not AsrCall yet (host/session.py "
-                    "still submits functools.partial): nothing reaches transcribe_many")
 async def test_concurrent_sessions_are_decoded_in_batches(batched_engines, speech_by_id):
     """Three sessions stream real speech at once to a worker whose model decodes on one thread in
     batches. Its first call waits until two other finals are queued, so the next call is a batch of
