@@ -280,9 +280,10 @@ class AsrStream(Protocol):
     """One utterance in a streaming recognizer (``AsrModel.open_stream``): state kept between calls.
 
     The host calls it from its inference threads, one call at a time and in order: ``accept`` with
-    each new piece of the utterance's audio, then ``finish`` once. Together the pieces are exactly
-    the audio a whole-utterance ``transcribe`` would get. A stream that is not finished (the
-    utterance was cleared) is dropped; ``close()``, when it has one, is called then.
+    each new piece of the utterance's audio, then ``finish`` once. The pieces follow each other
+    without a gap from the utterance's first sample; the last ones may run past its end by up to
+    the endpoint silence, since where speech ends is known only after that silence. A stream that
+    is not finished (the utterance was cleared) is dropped; ``close()``, when it has one, is called then.
     """
 
     def accept(self, audio: np.ndarray) -> AsrResult | None:

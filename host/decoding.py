@@ -4,7 +4,10 @@
 (or reuses) its final at the endpoint, withdraws guesses that speech made wrong, and asks for
 partials of the open utterance at a steady cadence, one in flight at a time. It owns no socket:
 finals come back as tickets that the session delivers in order; partials go out through ``send``.
-Every job is an :class:`host.asr.AsrCall` carrying the session's options (contract v2).
+Every job is an :class:`host.asr.AsrCall` carrying the session's options (contract v2). A
+streaming model (``open_stream``) is fed each utterance's audio as it arrives instead, one piece
+in flight at a time, and asked for the final at the endpoint: nothing is decoded twice, so there
+is no speculation.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from host import protocol as msg
-from host.asr import AsrCall, ComponentFailure, _brief, session_options
+from host.asr import AsrCall, ComponentFailure, StreamCall, StreamState, _brief, session_options, streams
 from host.audio import AudioBuffer
 from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, TranscribeRequest, Utterance
 from host.metrics import Metrics
@@ -83,6 +86,10 @@ class UtteranceDecoder:
         self._partial_from = 0  # buffer position the last partial request covered
         self._partial_tasks: set[asyncio.Task] = set()
         self._partial_failures: set[str] = set()  # logged once each
+        self.streaming = streams(model)
+        self._stream: StreamState | None = None  # the open utterance's stream (streaming models)
+        self._fed = 0  # buffer position fed to the stream so far
+        self._feed: tuple[StreamCall, Ticket, int] | None = None  # the piece in flight, and where it starts
 
     # --- jobs -----------------------------------------------------------------
 
@@ -93,7 +100,7 @@ class UtteranceDecoder:
         request = TranscribeRequest(self.buffer.slice(start, end), language, words, partial, options)
         return AsrCall(self.model, request, component=self.component)
 
-    def _submit(self, call: AsrCall, kind: int, stale: Callable[[], bool] | None = None) -> Ticket:
+    def _submit(self, call: AsrCall | StreamCall, kind: int, stale: Callable[[], bool] | None = None) -> Ticket:
         return self.queue.submit(call, kind, stale=stale, owner=self.session_id, bulk=self.bulk())
 
     def bulk(self) -> bool:
@@ -115,6 +122,12 @@ class UtteranceDecoder:
         self._next_utterance += 1
         self._agreement = LocalAgreement()
         self._partial_from = sample
+        if self.streaming:
+            language = None if self.language == "auto" else self.language
+            options = session_options(self.config, previous_text=self.previous_text, session_id=self.session_id)
+            self._stream = StreamState(self.model, self.component, language=language,
+                                       word_timestamps=self.wants_words(sample), options=options)
+            self._fed = sample
         return uid
 
     def wants_words(self, start: int, cut: bool = False) -> bool:
@@ -126,7 +139,7 @@ class UtteranceDecoder:
 
     def pause(self, end: int) -> None:
         """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
-        if self._utterance is None:
+        if self._utterance is None or self.streaming:
             return
         uid, start = self._utterance
         self.drop_speculative()
@@ -162,6 +175,10 @@ class UtteranceDecoder:
         """The closed utterance ending at ``end`` is cleared, not transcribed."""
         self.drop_speculative()
         self._previous_end = end
+        if self._stream is not None:  # dropped; its close() runs after the pieces it was fed
+            state, self._stream = self._stream, None
+            self._withdraw_feed(state)
+            self._submit(state.job(self.buffer.slice(end, end), close=True), PARTIAL)
 
     def finalize(self, uid: int, start: int, end: int, cut: bool = False) -> tuple[Utterance, Ticket]:
         """The closed utterance ``start:end`` and its final decode: the speculative one when it
@@ -178,7 +195,12 @@ class UtteranceDecoder:
                 ticket = spec.ticket  # already decoding or decoded exactly this audio: reuse it
             outcome = "withdrawn" if withdrawn else "used" if ticket is not None else "wasted"
             self.metrics.speculative.labels(outcome).inc()
-        if ticket is None:
+        if self._stream is not None:
+            state, self._stream = self._stream, None
+            self._withdraw_feed(state)
+            # The pieces may already run past the end: where speech ends is known only after its silence.
+            ticket = self._submit(state.job(self.buffer.slice(min(self._fed, end), end), finish=True), FINAL)
+        elif ticket is None:
             ticket = self._submit(self.call(start, end, words=words), FINAL)
         self.awaiting[uid] = time.monotonic()
         self.pending[uid] = ticket
@@ -242,6 +264,9 @@ class UtteranceDecoder:
 
     def request_partial(self) -> None:
         """Ask for a partial of the open utterance when enough new audio came since the last one."""
+        if self.streaming:
+            self._feed_stream()
+            return
         if not self.interim_results or self._utterance is None or self.stopped:
             return
         uid, start = self._utterance
@@ -288,3 +313,54 @@ class UtteranceDecoder:
         self._partial_failures.add(text)
         log.warning("session %s: a partial of utterance %d failed (dropped; logged once): %s",
                     self.session_id, uid, text)
+
+    # --- streaming models ---------------------------------------------------------
+
+    def _feed_stream(self) -> None:
+        """Feed the open utterance's new audio to its stream, one piece in flight at a time; pieces
+        are at least ``chunk_s`` (the model's, else the partial interval) apart."""
+        if self._stream is None or self._feed is not None or self.stopped or self._utterance is None:
+            return
+        pos = self.buffer.end
+        chunk_s = getattr(self.model, "chunk_s", None) or self.partial_interval_s
+        if pos - self._fed < chunk_s * SAMPLE_RATE:
+            return
+        uid, start = self._utterance
+        call = self._stream.job(self.buffer.slice(self._fed, pos))
+        # Never skipped as stale: a piece the stream does not get would be a hole in its audio.
+        ticket = self._submit(call, PARTIAL)
+        self._feed, self._fed = (call, ticket, self._fed), pos
+        task = asyncio.create_task(self._stream_partial(uid, start, pos, call, ticket, time.monotonic()))
+        self._partial_tasks.add(task)
+        task.add_done_callback(self._partial_tasks.discard)
+
+    def _withdraw_feed(self, state: StreamState) -> None:
+        """The utterance ended: withdraw the piece in flight unless a thread has begun it (its audio
+        then goes with the final instead)."""
+        if self._feed is None:
+            return
+        call, ticket, began = self._feed
+        self._feed = None
+        ticket.cancel()
+        if state.skip(call):
+            self._fed = began
+
+    async def _stream_partial(self, uid: int, start: int, end: int, call: StreamCall, ticket: Ticket,
+                              asked_at: float) -> None:
+        result = None
+        try:
+            result = await ticket.future
+        except asyncio.CancelledError:
+            pass  # withdrawn at the endpoint: the final carries its audio
+        except Exception as exc:  # noqa: BLE001 - the final reports the stream's failure
+            self._partial_failed(uid, exc)
+        finally:
+            if self._feed is not None and self._feed[0] is call:
+                self._feed = None
+        if result is not None and self.interim_results and self.open_utterance == uid:
+            text = self._agreement.update(result.text)
+            if text:
+                await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
+                self.metrics.partial_latency.observe(time.monotonic() - asked_at)
+        self._feed_stream()
+
