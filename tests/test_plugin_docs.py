@@ -43,6 +43,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     engines.mkdir()
     found = examples()
     assert {"engine_host_prompted.py", "engine_host_batched.py", "engine_host_lines.py", "engine_host_quiet_turn.py",
+            "engine_host_streamed.py",
             "prompted.yaml", "turn.yaml"} <= set(found), sorted(found)
     for name, text in found.items():
         if name.startswith("test_") or "/" in name:
@@ -56,9 +57,10 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
             (info / "entry_points.txt").write_text(f"[engine_host]\n{module.removeprefix('engine_host_')} = {module}\n")
         else:
             (engines / name).write_text(text)
-    batched = yaml.safe_load(found["prompted.yaml"])
-    batched["id"], batched["pipeline"]["asr"]["plugin"] = "batched", "batched-whisper"
-    (engines / "batched.yaml").write_text(yaml.safe_dump(batched))
+    for engine_id, component in (("batched", "batched-whisper"), ("streamed", "streamed-whisper")):
+        engine = yaml.safe_load(found["prompted.yaml"])
+        engine["id"], engine["pipeline"]["asr"]["plugin"] = engine_id, component
+        (engines / f"{engine_id}.yaml").write_text(yaml.safe_dump(engine))
     return site, engines
 
 
@@ -77,7 +79,7 @@ def served(installed, tmp_path_factory):
 
 def test_the_examples_register_and_their_engines_load(served):
     health = served.health()
-    assert sorted(health["engines"]) == ["batched", "prompted", "with-turn"], health
+    assert sorted(health["engines"]) == ["batched", "prompted", "streamed", "with-turn"], health
     assert "failed_engines" not in health
     status, listed = http_get(served.http + "/engines")
     assert status == 200
@@ -87,7 +89,7 @@ def test_the_examples_register_and_their_engines_load(served):
     assert by_id["prompted"]["memory"] == {"devices": ["cpu"], "models": 1}
 
 
-@pytest.mark.parametrize("engine", ["prompted", "batched"])
+@pytest.mark.parametrize("engine", ["prompted", "batched", "streamed"])
 async def test_a_per_session_prompt_is_accepted_and_speech_transcribed(served, speech_by_id, engine):
     utt = speech_by_id["jfk"]
     audio = concat(silence(0.5), read_wav(utt.path), silence(1.5))
