@@ -22,23 +22,9 @@ Order of service:
    session's job waits, of whatever priority: otherwise a storm of finals keeps
    every thread and another session's partials never run. With nobody else
    waiting, it may use them all.
-5. Batches (contract v2). A thread that takes a :class:`host.asr.AsrCall` of a model
-   with ``transcribe_many`` (:func:`host.asr.batch_size` above 1) takes with it further
-   waiting AsrCalls of the same model object (``is``: variants sharing a key decode
-   differently), up to ``batch_size`` in all, in the order above: by level (so a batch of
-   finals may be filled with partials, and uploads' jobs come last), then the owner with
-   the fewest jobs in the batch, then the least served, then age; only an owner's next
-   job of a level may join. Rule 4 counts threads: an owner in a batch holds its thread
-   once, and joins only if it is in the batch already, holds fewer than ``per_owner``
-   threads, or no owner under its cap has a job waiting. A batch takes no more than its
-   thread's share of the model's waiting jobs (split over it and the threads that hold
-   none), so that a second thread does not idle while one decodes everything. Stale and
-   withdrawn jobs are skipped as above, never reach the model, and are not replaced.
-   Every job of the batch is marked started, then one ``transcribe_many`` runs (for a
-   lone job of such a model too: an utterance decodes the same way however busy the queue
-   is); each future gets its own result or its own ComponentFailure. The call's seconds
-   are split evenly over its jobs, in ``usage`` and in each owner's served time. A batch
-   occupies one thread (``busy``). Other jobs (plain callables) run one at a time.
+5. Batches (contract v2): a thread that takes a job for a model with ``transcribe_many``
+   fills one call with further jobs for the same model, in the order above; see
+   :mod:`host.batches`. Other jobs run one at a time.
 """
 
 from __future__ import annotations
@@ -53,7 +39,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from host import asr
+from host.batches import BatchingQueue, batch_size_of, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +86,7 @@ class _Job:
         return self.priority + (len(KIND_NAMES) if self.bulk else 0)
 
 
-class InferenceQueue:
+class InferenceQueue(BatchingQueue):
     """Prioritized, per-session fair queue of blocking calls run by ``threads`` daemon threads."""
 
     def __init__(self, name: str, threads: int = 1):
@@ -204,30 +190,6 @@ class InferenceQueue:
                     return self._pop(level, min(owners, key=lambda o: (self._served[o], level[o][0].seq)))
         return None
 
-    def _take_companion(self, model: Any, held: dict[Hashable, int]) -> _Job | None:
-        """The next waiting AsrCall of ``model`` for the batch whose owners are ``held`` (caller holds
-        the lock), or None.
-
-        The queue's order, restricted to such jobs: by level, then by owner, then age. Only the
-        next job of an owner at a level may join (an owner's jobs of one level keep their order).
-        Owners with fewer jobs in this batch go first, then the least served: each job of the batch
-        is charged a share of it, so this is least attained service within the batch too. The
-        thread cap holds as for taking a thread: an owner joins if it is already in this batch, or
-        holds fewer than ``per_owner`` threads, or when no owner under its cap has a job waiting.
-        """
-        def joins(owner: Hashable, capped: bool) -> bool:
-            return not capped or owner in held or self._running.get(owner, 0) < self.per_owner
-
-        uncapped = not any(o not in held and self._running.get(o, 0) < self.per_owner
-                           for level in self._levels for o in level)
-        for capped in (True, False) if uncapped else (True,):
-            for level in self._levels:
-                owners = [o for o in level if joins(o, capped) and _same_model(level[o][0], model)]
-                if owners:
-                    return self._pop(level, min(owners, key=lambda o: (held.get(o, 0), self._served[o],
-                                                                       level[o][0].seq)))
-        return None
-
     @staticmethod
     def _pop(level: dict[Hashable, deque[_Job]], owner: Hashable) -> _Job:
         jobs = level[owner]
@@ -284,22 +246,8 @@ class InferenceQueue:
                 with self._cv:
                     self._engaged -= 1
                 continue
-            jobs = [job]
-            size = _batch_size(job)  # outside the lock: it reads plugin attributes
-            if size > 1 and isinstance(job.fn, asr.AsrCall):
-                with self._cv:
-                    limit = min(size, self._share(job.fn.model))
-                    while len(jobs) < limit:
-                        other = self._take_companion(job.fn.model, held)
-                        if other is None:
-                            break
-                        self._hold(held, other)
-                        if not self._withdrawn(held, other):
-                            jobs.append(other)
-                    if limit < size:
-                        self._cv.notify()  # what this batch left is for a thread that holds nothing
-                # Asked one by one outside the lock, as for a single job; a skipped one is not replaced.
-                jobs = [job] + [j for j in jobs[1:] if not self._stale(held, j)]
+            size = batch_size_of(job)  # outside the lock: it reads plugin attributes
+            jobs = self._fill_batch(job, held, size) if size > 1 else [job]
             for j in jobs:
                 j.started = True
             # A session may have withdrawn a job between its taking and now (Ticket.cancel saw it
@@ -309,16 +257,6 @@ class InferenceQueue:
                 if jobs:
                     return jobs, held, size > 1
                 self._engaged -= 1
-
-    def _share(self, model: Any) -> int:
-        """How many jobs a batch of ``model`` may take: the AsrCalls of it waiting (and the one taken),
-        split evenly over this thread and the threads that hold no job (caller holds the lock).
-
-        A thread that took every waiting job while another thread idles would halve throughput
-        wherever the queue has two threads (on a CPU: measured in bench/batching.py)."""
-        waiting = sum(_same_model(j, model) for level in self._levels for jobs in level.values() for j in jobs)
-        free = max(0, self.threads - self._engaged)
-        return -(-(1 + waiting) // (1 + free))
 
     def _withdrawn(self, held: dict[Hashable, int], job: _Job) -> bool:
         """True (and the job is let go) if its session cancelled it (caller holds the lock)."""
@@ -347,7 +285,7 @@ class InferenceQueue:
             with self._cv:
                 self.busy += 1  # a batch occupies one thread
             t0 = time.perf_counter()
-            outcomes = _run(jobs, batch)
+            outcomes = run_jobs(jobs, batch)
             share = (time.perf_counter() - t0) / len(jobs)  # a batch's seconds, split evenly
             with self._cv:  # two threads may finish at once
                 self.busy -= 1
@@ -360,59 +298,6 @@ class InferenceQueue:
                     self._release(held, job, share)
             for job, (result, error) in zip(jobs, outcomes):
                 _deliver(job, result, error)
-
-
-def _run(jobs: list[_Job], batch: bool) -> list[tuple[Any, BaseException | None]]:
-    """Run one job, or one ``transcribe_many`` for a batch (blocking): (result, error) per job."""
-    if not batch:
-        try:
-            return [(jobs[0].fn(), None)]
-        except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting session
-            return [(None, exc)]
-    calls = [job.fn for job in jobs if isinstance(job.fn, asr.AsrCall)]
-    try:
-        answers = asr.transcribe_many(calls)
-        if len(answers) != len(jobs):
-            raise RuntimeError(f"{len(answers)} answers for {len(jobs)} calls")
-    except BaseException as exc:  # noqa: BLE001 - what asr.transcribe_many does not catch, to every session
-        failure = asr.ComponentFailure(calls[0].component, f"transcribe_many raised {type(exc).__name__}: {exc}")
-        failure.__cause__ = exc
-        answers = [failure] * len(jobs)
-    outcomes: list[tuple[Any, BaseException | None]] = []
-    seen: set[int] = set()
-    for answer in answers:
-        if isinstance(answer, BaseException):
-            # One failure object may answer the whole batch: each session gets its own.
-            outcomes.append((None, answer if id(answer) not in seen else _copy_failure(answer)))
-            seen.add(id(answer))
-        else:
-            outcomes.append((answer, None))
-    return outcomes
-
-
-def _same_model(job: _Job, model: Any) -> bool:
-    """Whether ``job`` is an AsrCall of this very model object (variants sharing a key differ in settings)."""
-    return isinstance(job.fn, asr.AsrCall) and job.fn.model is model
-
-
-def _batch_size(job: _Job) -> int:
-    """How many jobs one call may carry for ``job``: 1 unless it is an AsrCall of a batching model."""
-    if not isinstance(job.fn, asr.AsrCall):
-        return 1
-    try:
-        return asr.batch_size(job.fn.model)
-    except Exception:  # a model whose attributes raise is served one call at a time
-        log.exception("batch size of %s", job.fn.component)
-        return 1
-
-
-def _copy_failure(error: BaseException) -> BaseException:
-    """A fresh exception like ``error``, so that no two sessions raise (and extend the traceback of) one object."""
-    if not isinstance(error, asr.ComponentFailure):
-        return error
-    copy = asr.ComponentFailure(error.component, str(error).removeprefix(f"{error.component}: "))
-    copy.__cause__ = error.__cause__
-    return copy
 
 
 _cancel = object()
