@@ -67,6 +67,8 @@ class RoutedSession:
             async for message in self.client:
                 if isinstance(message, bytes):
                     self.bytes_in += len(message)
+                elif isinstance(message, dict):  # a dialect's native control message
+                    message = json.dumps(message)
                 await self.upstream.send(message)
         except ConnectionClosed:
             pass  # the client vanished (ends below) or the worker did (_worker_to_client reports it)

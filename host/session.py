@@ -85,6 +85,8 @@ class Session(SessionLimits):
                 self._last_message = time.monotonic()
                 if isinstance(message, bytes):
                     await self._on_audio(message)
+                elif isinstance(message, dict):  # from a dialect: already a native message
+                    await self._on_message(message)
                 else:
                     await self._on_text(message)
                 if self._finished:
@@ -224,6 +226,10 @@ class Session(SessionLimits):
         except (ValueError, RecursionError) as exc:
             await self._report(ErrorCode.INVALID_JSON, f"malformed JSON: {str(exc)[:200]}", recoverable=True)
             return
+        await self._on_message(message)
+
+    async def _on_message(self, message: Any) -> None:
+        """One JSON control message (a parsed text frame, or a dialect's dict)."""
         kind = message.get("type") if isinstance(message, dict) else None
         # `end` always goes through: dropping it would leave the client waiting for session.end.
         if kind != "end" and not self._control_rate.take():

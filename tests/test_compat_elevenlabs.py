@@ -273,7 +273,7 @@ def test_manual_finals_before_flush_done_belong_to_the_commit():
         {"message_type": "partial_transcript", "text": "One. Two"}]
     natives, replies = d.incoming(json.dumps({"message_type": "input_audio_chunk", "audio_base_64": b64(b"\0" * 8),
                                               "commit": True}))
-    assert natives == [b"\0" * 8, '{"type": "flush"}'] and replies == []
+    assert natives == [b"\0" * 8, {"type": "flush"}] and replies == []
     # A partial of the flushed utterance racing the flush is not shown as the next segment's.
     assert d.outgoing({"type": "transcript.partial", "utterance_id": 1, "text": "Two th"}) == []
     assert d.outgoing({"type": "transcript.final", "utterance_id": 1, "text": "Two."}) == []

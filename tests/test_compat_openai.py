@@ -345,7 +345,7 @@ def test_server_vad_clear_drops_the_open_turn():
     d = started(OpenAIRealtimeDialect())
     d.outgoing({"type": "vad.speech_start", "timestamp": 0.2})
     natives, replies = d.incoming('{"type": "input_audio_buffer.clear"}')
-    assert natives == ['{"type": "clear"}'] and replies[0]["type"] == "input_audio_buffer.cleared"
+    assert natives == [{"type": "clear"}] and replies[0]["type"] == "input_audio_buffer.cleared"
     assert d.outgoing({"type": "vad.speech_end", "timestamp": 0.9}) == []  # the clear's own speech_end
     natives, replies = d.incoming('{"type": "input_audio_buffer.commit"}')
     assert natives == [] and replies[0]["error"]["code"] == "input_audio_buffer_commit_empty"
@@ -362,7 +362,7 @@ def test_manual_mode_joins_finals_until_commit():
     d.incoming(json.dumps({"type": "input_audio_buffer.append", "audio": b64(b"\0" * 48000)}))
     d.outgoing({"type": "vad.speech_start", "timestamp": 1.5})
     natives, replies = d.incoming('{"type": "input_audio_buffer.commit"}')
-    assert natives == ['{"type": "flush"}'] and replies[0]["type"] == "input_audio_buffer.committed"
+    assert natives == [{"type": "flush"}] and replies[0]["type"] == "input_audio_buffer.committed"
     item = replies[0]["item_id"]
     d.outgoing({"type": "vad.speech_end", "timestamp": 2.0})
     final = d.outgoing({"type": "transcript.final", "utterance_id": 1, "text": "Two."})

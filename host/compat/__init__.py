@@ -24,6 +24,10 @@ from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
 
+Native = bytes | dict[str, Any] | str
+"""A message for the session: binary audio, or a native control message (``config``, ``flush``,
+``clear``, ``end``) as a dict (JSON text is accepted too)."""
+
 
 class Dialect(Protocol):
     """One vendor protocol, for one connection (dialects may keep per-session state)."""
@@ -35,7 +39,7 @@ class Dialect(Protocol):
         """
         ...
 
-    def incoming(self, message: str | bytes) -> tuple[list[str | bytes], list[dict[str, Any]]]:
+    def incoming(self, message: str | bytes) -> tuple[list[Native], list[dict[str, Any]]]:
         """A client message in the vendor's protocol → (native messages for the session,
         vendor messages to answer at once, e.g. an ack or the vendor's error shape)."""
         ...
@@ -179,7 +183,7 @@ class DialectConnection:
             native = self.dialect.configure_early(list(self._early))
         return native
 
-    async def __aiter__(self) -> AsyncIterator[str | bytes]:
+    async def __aiter__(self) -> AsyncIterator[Native]:
         early, self._early = self._early, []
         for raw in early:
             for native in await self._translate(raw):
@@ -189,7 +193,7 @@ class DialectConnection:
             for native in await self._translate(raw):
                 yield native
 
-    async def _translate(self, raw: str | bytes) -> list[str | bytes]:
+    async def _translate(self, raw: str | bytes) -> list[Native]:
         """One client message: its immediate vendor replies are sent, its native messages returned."""
         natives, replies = self.dialect.incoming(raw)
         for reply in replies:
@@ -241,6 +245,7 @@ __all__ = [
     "DeferredDialect",
     "Dialect",
     "DialectConnection",
+    "Native",
     "audio_frames",
     "decode_base64",
     "dialect_routes",

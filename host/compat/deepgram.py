@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import host
-from host.compat import BadMessage, parse_json_object, query_flag
+from host.compat import BadMessage, Native, parse_json_object, query_flag
 from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
@@ -146,7 +146,7 @@ class DeepgramDialect:
 
     # --- client → server ------------------------------------------------------------
 
-    def incoming(self, raw: str | bytes) -> tuple[list[str | bytes], list[dict[str, Any]]]:
+    def incoming(self, raw: str | bytes) -> tuple[list[Native], list[dict[str, Any]]]:
         """One Deepgram client message → (native messages, messages to answer with at once)."""
         if self._closed:
             return [], []  # after CloseStream nothing more is read
@@ -167,7 +167,7 @@ class DeepgramDialect:
             return [], []
         if kind == "Finalize":
             self._finalizing += 1
-            return ['{"type": "flush"}'], []
+            return [{"type": "flush"}], []
         if kind == "CloseStream":
             return self._close(), []
         if kind == "Configure":
@@ -175,9 +175,9 @@ class DeepgramDialect:
         return [], [self._error("UNKNOWN_MESSAGE", f"unknown message type {str(kind)[:100]!r}: expected "
                                 "KeepAlive, Finalize, CloseStream or Configure (audio goes in binary frames)")]
 
-    def _close(self) -> list[str | bytes]:
+    def _close(self) -> list[Native]:
         self._closed = True
-        return ['{"type": "end"}']
+        return [{"type": "end"}]
 
     def _configure(self, message: dict[str, Any]) -> dict[str, Any]:
         if message.get("keyterms") is not None:

@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.compat import BadMessage, audio_frames, decode_base64, parse_json_object, query_flag
+from host.compat import BadMessage, Native, audio_frames, decode_base64, parse_json_object, query_flag
 from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
@@ -129,7 +129,7 @@ class ElevenLabsDialect:
 
     # --- client → server ------------------------------------------------------------
 
-    def incoming(self, raw: str | bytes) -> tuple[list[str | bytes], list[dict[str, Any]]]:
+    def incoming(self, raw: str | bytes) -> tuple[list[Native], list[dict[str, Any]]]:
         """One ElevenLabs client message → (native messages, messages to answer with at once)."""
         try:
             message = parse_json_object(raw, binary_hint="binary frames are not part of this API: send audio "
@@ -142,7 +142,7 @@ class ElevenLabsDialect:
         except BadMessage as exc:
             return [], [_error("input_error", str(exc))]
 
-    def _chunk(self, message: dict[str, Any]) -> list[str | bytes]:
+    def _chunk(self, message: dict[str, Any]) -> list[Native]:
         audio = message.get("audio_base_64", "")
         if not isinstance(audio, str):
             raise BadMessage("invalid", "'audio_base_64' must be a base64 string")
@@ -162,9 +162,9 @@ class ElevenLabsDialect:
             raise BadMessage("invalid", "'audio_base_64' is not valid base64") from None
         if data:
             self._chunks += 1
-        natives: list[str | bytes] = list(audio_frames(data))
+        natives: list[Native] = list(audio_frames(data))
         if commit:
-            natives.append('{"type": "flush"}')
+            natives.append({"type": "flush"})
             if self.manual:
                 # The open utterance is finalized by this flush: it belongs to this commit.
                 self._pending.append(self._segment)

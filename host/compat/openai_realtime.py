@@ -26,13 +26,12 @@ responses (there is no model answering).
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.compat import BadMessage, audio_frames, decode_base64, parse_json_object
+from host.compat import BadMessage, Native, audio_frames, decode_base64, parse_json_object
 from host.compat.openai_session import DEFAULT_VAD, FORMATS, MISSING, BadEvent, SessionConfig, new_id
 from host.hookspecs import hookimpl
 from host.protocol import CLIENT_ERRORS, ErrorCode
@@ -44,7 +43,7 @@ MIN_COMMIT_S = 0.1
 CONVERSATION_EVENTS = {"conversation.item.create", "conversation.item.delete", "conversation.item.retrieve",
                        "conversation.item.truncate", "response.create", "response.cancel",
                        "output_audio_buffer.clear"}
-_Reply = tuple[list[str | bytes], list[dict[str, Any]]]
+_Reply = tuple[list[Native], list[dict[str, Any]]]
 _CLIENT: dict[str, Callable[[OpenAIRealtimeDialect, dict], _Reply]] = {}
 """Client event type → its handler: (native messages, events to answer with at once)."""
 _SERVER: dict[str, Callable[[OpenAIRealtimeDialect, dict], list[dict[str, Any]]]] = {}
@@ -132,14 +131,14 @@ class OpenAIRealtimeDialect(SessionConfig):
         """Validate the whole update first (an error applies none of it), then apply it."""
         kind = event["type"]
         update = self.parse_update(event.get("session", MISSING))
-        natives: list[str | bytes] = []
+        natives: list[Native] = []
         if update.transcription is not None:
             for key in ("model", "prompt"):
                 if key in update.transcription:
                     self.transcription[key] = update.transcription[key]
             if update.language is not MISSING and update.language != self.transcription["language"]:
                 self.transcription["language"] = update.language
-                natives.append(json.dumps({"type": "config", "language": update.language or "auto"}))
+                natives.append({"type": "config", "language": update.language or "auto"})
                 self._cause = (kind, self._cause[1] if self._cause else None,
                                update.transcription_param + ".language")
         if update.turn_detection is not MISSING:
@@ -174,14 +173,14 @@ class OpenAIRealtimeDialect(SessionConfig):
             if self._open_uid is None:
                 raise self._empty(self._buffered if self._buffered < bps * MIN_COMMIT_S else None)
             self._pending.append(("vad", self._open_uid))
-            return ['{"type": "flush"}'], []
+            return [{"type": "flush"}], []
         if self._buffered < bps * MIN_COMMIT_S:
             raise self._empty(self._buffered)
         item = self._open or _Item(new_id("item"))
         item.seconds, item.committed = self._buffered / bps, True
         self._open, self._buffered, self._boundary = None, 0, self._started - 1
         self._pending.append(("commit", item))
-        return ['{"type": "flush"}'], [self._committed_event(item)]
+        return [{"type": "flush"}], [self._committed_event(item)]
 
     def _empty(self, buffered: int | None) -> BadEvent:
         if buffered is None:
@@ -196,12 +195,12 @@ class OpenAIRealtimeDialect(SessionConfig):
         self._buffered = 0
         reply = [self._event("input_audio_buffer.cleared")]
         if self.turn_detection is not None:
-            return ['{"type": "clear"}'], reply  # its speech_end (if any) is dropped in outgoing
+            return [{"type": "clear"}], reply  # its speech_end (if any) is dropped in outgoing
         # Manual mode: drop the uncommitted item, including finals of utterances that already ended:
         # the flush marks where they stop (everything before its flush.done is theirs).
         self._open, self._boundary = None, self._started - 1
         self._pending.append(("clear", None))
-        return ['{"type": "clear"}', '{"type": "flush"}'], reply
+        return [{"type": "clear"}, {"type": "flush"}], reply
 
     def _switch(self, turn_detection: dict | None) -> None:
         """Change the turn detection; it applies to utterances that start afterwards."""
