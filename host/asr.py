@@ -39,7 +39,8 @@ class ComponentFailure(Exception):
         return type(self), (self.component, self.detail)
 
 
-def _brief(exc: BaseException) -> str:
+def brief(exc: BaseException) -> str:
+    """``Type: message`` of an exception (the type alone when it has no message), for one-line errors."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -110,7 +111,7 @@ class AsrCall:
         try:
             result = transcribe(self.model, self.request)
         except Exception as exc:
-            raise ComponentFailure(self.component, f"transcribe raised {_brief(exc)}") from exc
+            raise ComponentFailure(self.component, f"transcribe raised {brief(exc)}") from exc
         try:
             return check_result(result, len(self.request.audio) / SAMPLE_RATE)
         except ValueError as exc:
@@ -129,7 +130,7 @@ def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailu
     try:
         results = first.model.transcribe_many([call.request for call in calls])  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - delivered to each session waiting on the batch
-        failures = [ComponentFailure(component, f"transcribe_many raised {_brief(exc)}") for _ in calls]
+        failures = [ComponentFailure(component, f"transcribe_many raised {brief(exc)}") for _ in calls]
         for failure in failures:
             failure.__cause__ = exc
         return list(failures)
@@ -228,7 +229,7 @@ class StreamState:
                 result = stream.finish()
         except Exception as exc:
             self._failure = ComponentFailure(self.component, f"stream {'finish' if call.finish else 'accept'} "
-                                                             f"raised {_brief(exc)}")
+                                                             f"raised {brief(exc)}")
             raise self._failure from exc
         if result is None:
             return None

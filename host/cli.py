@@ -208,7 +208,8 @@ def cmd_plugins(args) -> int:
         print(json.dumps({
             "plugins": [{
                 "name": p.name, "distribution": p.distribution, "version": p.version, "hooks": p.hooks,
-                "components": [{"kind": c.kind, "name": c.name} for c in p.components],
+                "components": [{"kind": c.kind, "name": c.name, **({"path": c.path} if c.path else {})}
+                               for c in p.components],
             } for p in plugins.plugins],
             "errors": [str(e) for e in plugins.errors],
         }, indent=2))
@@ -218,7 +219,7 @@ def cmd_plugins(args) -> int:
             print(f"{p.name}  [{dist}]")
             print(f"  hooks: {', '.join(p.hooks) or '-'}")
             for c in p.components:
-                print(f"  {c.kind}: {c.name}")
+                print(f"  {c.kind}: {c.name}" + (f" ({c.path})" if c.path else ""))
         for e in plugins.errors:
             print(f"ERROR {e}", file=sys.stderr)
     return 1 if plugins.errors else 0

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from host import protocol as msg
-from host.asr import AsrCall, ComponentFailure, StreamCall, StreamState, _brief, session_options, streams
+from host.asr import AsrCall, ComponentFailure, StreamCall, StreamState, brief, session_options, streams
 from host.audio import AudioBuffer
 from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, TranscribeRequest, Utterance
 from host.metrics import Metrics
@@ -220,7 +220,7 @@ class UtteranceDecoder:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one failed utterance must not end the session
-            failure = exc if isinstance(exc, ComponentFailure) else ComponentFailure(self.component, _brief(exc))
+            failure = exc if isinstance(exc, ComponentFailure) else ComponentFailure(self.component, brief(exc))
             self.failures.append(str(failure))
             log.error("session %s: transcription of utterance %d failed: %s", self.session_id, uid, failure)
             log.debug("session %s: utterance %d failed", self.session_id, uid, exc_info=exc)
@@ -307,7 +307,7 @@ class UtteranceDecoder:
 
     def _partial_failed(self, uid: int, exc: Exception) -> None:
         """Log a failed partial, once per session per distinct failure (they repeat every interval)."""
-        text = str(exc) if isinstance(exc, ComponentFailure) else f"{self.component}: {_brief(exc)}"
+        text = str(exc) if isinstance(exc, ComponentFailure) else f"{self.component}: {brief(exc)}"
         if text in self._partial_failures:
             return
         self._partial_failures.add(text)

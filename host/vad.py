@@ -9,7 +9,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from host.asr import ComponentFailure, _brief
+from host.asr import ComponentFailure, brief
 from host.contracts import SAMPLE_RATE, VadModel, VadStream
 from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd
 
@@ -76,7 +76,7 @@ class VadStage:
             else:
                 probabilities = self.stream.probabilities(windows)
         except Exception as exc:
-            raise ComponentFailure(component, f"probabilities raised {_brief(exc)}") from exc
+            raise ComponentFailure(component, f"probabilities raised {brief(exc)}") from exc
         return checked_probabilities(probabilities, len(windows), component)
 
     def endpoint(self, probabilities: np.ndarray) -> list[Event]:
