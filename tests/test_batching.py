@@ -209,14 +209,19 @@ async def test_a_batch_never_mixes_two_models_and_keeps_to_max_batch(whisper, ut
     plan = [(one, "o1"), (two, "t1"), (one, "o2"), (two, "t2"), (one, "o3")]
     tickets = [(uid, q.submit(call(model, utterances[uid][0], who), FINAL, owner=who))
                for (model, who), uid in zip(plan, SHORT)]
+    await run_queued(q, tickets, utterances)
+    assert one.batches == [["o1", "o2"], ["o3"]] and two.batches == [["t1", "t2"]]
+    assert one.singles == two.singles == []
+
+
+async def run_queued(q: InferenceQueue, tickets: list, utterances: dict) -> None:
+    """Start ``q`` on the jobs queued before it, check each text, stop it."""
     q.start()
     try:
         for uid, ticket in tickets:
             assert_text(await ticket.future, utterances[uid][1])
     finally:
         q.stop()
-    assert one.batches == [["o1", "o2"], ["o3"]] and two.batches == [["t1", "t2"]]
-    assert one.singles == two.singles == []
 
 
 async def test_a_batch_leaves_its_share_of_the_waiting_jobs_to_an_idle_thread(whisper, utterances):
@@ -226,12 +231,7 @@ async def test_a_batch_leaves_its_share_of_the_waiting_jobs_to_an_idle_thread(wh
     q = InferenceQueue("share", threads=model.parallelism)
     tickets = [(uid, q.submit(call(model, utterances[uid][0], f"s{i}"), FINAL, owner=f"s{i}"))
                for i, uid in enumerate(SHORT)]
-    q.start()
-    try:
-        for uid, ticket in tickets:
-            assert_text(await ticket.future, utterances[uid][1])
-    finally:
-        q.stop()
+    await run_queued(q, tickets, utterances)
     assert len(model.batches) >= 2 and sorted(t for b in model.batches for t in b) == [f"s{i}" for i in range(6)]
 
 
