@@ -42,7 +42,10 @@ async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit:
     """Run one flush storm on ``url`` (a ``/session`` URL with ``enable_vad=false``) until ``stop``
     (or ``limit`` flushes), then send ``end`` and wait for ``session.end``."""
     got = StormReport()
-    async with connect(url, additional_headers=headers, max_size=None) as ws:
+    # No keepalive of its own: the storm's pings queue behind its own flushes, which the worker reads
+    # only as fast as it decodes them (backpressure), so under load a client-side ping timeout (1011)
+    # would measure the storm's backlog, not the worker. The worker's lag budget bounds the wait.
+    async with connect(url, additional_headers=headers, max_size=None, ping_interval=None) as ws:
         try:
             begin = json.loads(await ws.recv())
         except ConnectionClosed as exc:
@@ -63,7 +66,7 @@ async def flush_storm(url: str, stop: asyncio.Event, per_s: float = 45.0, limit:
                     elif kind == "session.end":
                         got.end = message
             except ConnectionClosed:
-                pass  # cut by the worker (or its keepalive): the close code says which
+                pass  # cut by the worker: the close code says why
 
         reader = asyncio.create_task(read())
         try:
