@@ -73,6 +73,7 @@ class UtteranceDecoder:
         self.pending: dict[int, Ticket] = {}  # utterance id -> its final's decode, until it settles
         self.settled = asyncio.Event()  # set whenever a final's decode settles
         self.held_back = False  # waiting for room in the final queue (backpressure): not idle
+        self.released_at = float("-inf")  # when the last such wait ended
         self.stopped = False  # the session is finishing: no more partials
         self.speech_seconds = 0.0  # of every utterance finalized
         self.decoded = 0  # finals that came back, and the failure of each that did not
@@ -246,6 +247,7 @@ class UtteranceDecoder:
                 await self.settled.wait()
         finally:
             self.held_back = False
+            self.released_at = time.monotonic()
         return True
 
     def delivered(self, uid: int) -> float | None:

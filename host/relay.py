@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 
 from websockets.asyncio.client import ClientConnection
@@ -17,7 +18,12 @@ from websockets.exceptions import ConnectionClosed
 
 from host import protocol as msg
 from host.contracts import WorkerRecord
+from host.frontdoor import close_now
+from host.keepalive import Keepalive
 from host.protocol import ENCODINGS, ErrorCode
+
+WAITED_S = 0.05
+"""A send to the worker that took longer than this waited for the worker to read (backpressure)."""
 
 
 class Refused(Exception):
@@ -36,6 +42,10 @@ class RoutedSession:
     ended: bool = False
     bytes_in: int = 0
     stopping: bool = False
+    ping_interval_s: float = 0.0
+    """Keepalive pings to the client (0: none)."""
+    _forwarding: bool = False  # a frame is on its way to the worker, which may not be reading (backpressure)
+    _forwarded_at: float = float("-inf")
 
     async def run(self) -> bool:
         """Relay until either side ends; True when the worker was lost mid-session."""
@@ -44,15 +54,29 @@ class RoutedSession:
         except ConnectionClosed:
             return False  # the client left while we were finding it a worker
         upward = asyncio.create_task(self._client_to_worker())
+        pinger = None
+        if self.ping_interval_s > 0:
+            pinger = asyncio.create_task(Keepalive(self.client, self.ping_interval_s, self._backlogged,
+                                                   self._client_dead).run())
         try:
             lost = await self._worker_to_client()
         finally:
+            if pinger is not None:
+                pinger.cancel()
             if not upward.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(upward), timeout=5)
                 except TimeoutError:
                     upward.cancel()
         return lost
+
+    def _backlogged(self) -> bool:
+        """Whether the worker has lately kept us waiting to forward (its session holds back reading):
+        the client's pong may then wait behind frames we have not read."""
+        return self._forwarding or time.monotonic() - self._forwarded_at < self.ping_interval_s
+
+    async def _client_dead(self) -> None:
+        await close_now(self.client, msg.CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     async def end(self) -> None:
         """Router shutdown: ask the worker to finalize; its session.end reaches the client."""
@@ -69,7 +93,13 @@ class RoutedSession:
                     self.bytes_in += len(message)
                 elif isinstance(message, dict):  # a dialect's native control message
                     message = json.dumps(message)
-                await self.upstream.send(message)
+                self._forwarding, began = True, time.monotonic()
+                try:
+                    await self.upstream.send(message)
+                finally:
+                    self._forwarding = False
+                    if time.monotonic() - began > WAITED_S:  # the worker's socket was full: it is not reading
+                        self._forwarded_at = time.monotonic()
         except ConnectionClosed:
             pass  # the client vanished (ends below) or the worker did (_worker_to_client reports it)
         # The client is gone: closing the worker's side makes it finalize and record the session.

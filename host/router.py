@@ -130,7 +130,9 @@ class Router(FrontDoor[RouterSettings]):
             raise RouterError(f"registry {name!r} cannot list workers for a router (use a shared registry: "
                               "set REGISTRY_URL, or REDIS_URL, to the workers' registry)")
         self.directory = directory
-        await self.listen(CLIENT_PING_INTERVAL_S)
+        # Routed sessions ping their clients themselves (host/keepalive.py): a client whose pong waits
+        # behind its own frames while the worker holds back reading must not be dropped.
+        await self.listen(None)
         log.info("router listening on %s:%d (registry %s)", self.settings.host, self.port, name)
 
     def registry_hint(self) -> str:
@@ -326,7 +328,7 @@ class Router(FrontDoor[RouterSettings]):
 
     async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
                      begin: dict) -> None:
-        session = RoutedSession(ws, upstream, worker, begin)
+        session = RoutedSession(ws, upstream, worker, begin, ping_interval_s=CLIENT_PING_INTERVAL_S)
         self.sessions.add(session)
         renewer = asyncio.create_task(self._renew(worker, lease))
         t0 = time.monotonic()

@@ -96,6 +96,7 @@ class Worker(FrontDoor[Settings]):
             max_session_s=settings.max_session_s,
             max_control_per_s=settings.max_control_per_s,
             max_pending_finals=settings.max_pending_finals,
+            ping_interval_s=settings.ping_interval_s,
             recorder=self._recorder if self.sessions_dir is not None else None,
             on_started=self._session_started,
             on_released=self._session_released,
@@ -119,7 +120,9 @@ class Worker(FrontDoor[Settings]):
         t0 = time.perf_counter()
         for error in self.plugins.errors:
             log.error("%s", error)
-        await self.listen(self.settings.ping_interval_s)
+        # Sessions ping their clients themselves (host/keepalive.py): a pong that waits behind the
+        # client's own frames while the session withholds reading must not drop a live client.
+        await self.listen(None)
         if self.api_keys.enabled:
             log.info("API keys required for /session (%d configured)%s", len(self.api_keys.keys),
                      " and /metrics" if self.settings.metrics_auth else "")

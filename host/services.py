@@ -38,6 +38,8 @@ class SessionServices:
     """A session open this long is ended (0: no limit)."""
     max_control_per_s: float = 0.0
     """Sustained JSON control messages per second (0: unlimited); more are dropped with an error."""
+    ping_interval_s: float = 0.0
+    """Keepalive pings to the client (0: none); see :mod:`host.keepalive`."""
     max_pending_finals: int = 4
     """Final decodes one session may have queued or running; past this its messages wait (backpressure).
     Real-time speech rarely has two; a flush storm without it queued 645 and starved every other session."""

@@ -25,6 +25,8 @@ from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
 from host.decoding import UtteranceDecoder
 from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from host.frontdoor import close_now
+from host.keepalive import Keepalive
 from host.limits import SessionLimits, TokenBucket
 from host.models import LoadedEngine
 from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
@@ -63,6 +65,8 @@ class Session(SessionLimits):
         self._rate_reported = 0.0
         self.errors: dict[str, int] = {}
         self._ws = ws
+        self.keepalive = (Keepalive(ws, services.ping_interval_s, self._backlogged, self._peer_dead)
+                          if services.ping_interval_s > 0 else None)
         self._lock = asyncio.Lock()  # one pipeline step at a time (frames, control, finish)
         self._tail: asyncio.Task | None = None
         self._abandoned = False  # the lag budget ran out after `end`: queued finals were withdrawn
@@ -80,6 +84,7 @@ class Session(SessionLimits):
         self.services.on_started(self.info)
         await self.out.send(msg.session_begin(self.id, self.engine.id, self.config.public()))
         watchdog = asyncio.create_task(self._watch())
+        pinger = asyncio.create_task(self.keepalive.run()) if self.keepalive is not None else None
         try:
             async for message in self._ws:
                 self._last_message = time.monotonic()
@@ -108,9 +113,23 @@ class Session(SessionLimits):
             # After a stage broke, the unread audio behind it could hold the close handshake: don't wait.
             await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL, linger=self._failure is None)
             watchdog.cancel()
+            if pinger is not None:
+                pinger.cancel()
             record = self.record()
             if self.services.on_ended is not None:
                 await self.services.on_ended(self.info, record)
+
+    def _backlogged(self) -> bool:
+        """Whether the session has lately withheld reading its client (backpressure): a pong may then
+        wait behind the client's own frames."""
+        held = self.decoding.held_back or time.monotonic() - self.decoding.released_at < self.services.ping_interval_s
+        return held and not self._finished
+
+    async def _peer_dead(self) -> None:
+        """The client stopped answering pings while we read it: drop the connection (its speech is still
+        finalized and recorded, as for any client that goes away)."""
+        log.info("session %s: keepalive ping timeout; dropping the connection", self.id)
+        await close_now(self._ws, msg.CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     async def stop(self, close: Close = msg.SHUTTING_DOWN) -> None:
         """End the session from the server side: finalize, send session.end, close."""

@@ -221,6 +221,10 @@ class DialectConnection:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.ws.close(code, reason)
 
+    async def ping(self) -> Any:
+        """A keepalive ping on the client's socket; the waiter of its pong."""
+        return await self.ws.ping()
+
     @property
     def close_code(self):
         return self.ws.close_code
