@@ -88,11 +88,10 @@ def check_result(result: Any, audio_seconds: float) -> AsrResult:
         raise ValueError(f"AsrResult.text is {type(result.text).__name__}, not str")
     if not isinstance(result.words, list) or not all(isinstance(w, Word) for w in result.words):
         raise ValueError("AsrResult.words must be a list of Word")
-    duration = audio_seconds
     for w in result.words:
         if not (math.isfinite(w.start) and math.isfinite(w.end)) or w.end < w.start or w.start < -0.5 \
-                or w.start > duration + 1.0:
-            raise ValueError(f"word {w.word!r} has times {w.start}-{w.end} outside the {duration:.2f} s of audio")
+                or w.start > audio_seconds + 1.0:
+            raise ValueError(f"word {w.word!r} has times {w.start}-{w.end} outside the {audio_seconds:.2f} s of audio")
     if not (isinstance(result.confidence, (int, float)) and math.isfinite(result.confidence)):
         raise ValueError(f"AsrResult.confidence {result.confidence!r} is not a number")
     return result
@@ -133,7 +132,7 @@ def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailu
         failures = [ComponentFailure(component, f"transcribe_many raised {brief(exc)}") for _ in calls]
         for failure in failures:
             failure.__cause__ = exc
-        return list(failures)
+        return list(failures)  # a list of the wider type the signature promises
     if not isinstance(results, list) or len(results) != len(calls):
         n = len(results) if isinstance(results, list) else type(results).__name__
         return [ComponentFailure(component, f"transcribe_many returned {n} results for {len(calls)} requests") for _ in calls]

@@ -284,28 +284,40 @@ class UtteranceDecoder:
         ticket = self._submit(self.call(start, pos, partial=True), PARTIAL,
                               stale=lambda: self._utterance is None or self._utterance[0] != uid)
         self._partial = (uid, ticket)
-        task = asyncio.create_task(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
+        self._spawn(self._deliver_partial(uid, start, pos, ticket, time.monotonic()))
+
+    def _spawn(self, step: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(step)
         self._partial_tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._partial_tasks.discard)
 
     async def _deliver_partial(self, uid: int, start: int, end: int, ticket: Ticket, asked_at: float) -> None:
-        result = None
-        try:
-            result = await ticket.future
-        except asyncio.CancelledError:
-            pass  # skipped as stale or withdrawn: nothing to show
-        except Exception as exc:  # noqa: BLE001 - a failed partial is dropped; the final still comes
-            self._partial_failed(uid, exc)
-        finally:
-            if self._partial is not None and self._partial[1] is ticket:
-                self._partial = None
-        # Only while its utterance is still open: a partial never follows its speech_end or final.
-        if result is not None and self.open_utterance == uid:
-            text = self._agreement.update(result.text)
-            if text:
-                await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
-                self.metrics.partial_latency.observe(time.monotonic() - asked_at)
+        result = await self._partial_result(uid, ticket)
+        if self._partial is not None and self._partial[1] is ticket:
+            self._partial = None
+        await self._show_partial(uid, start, end, result, asked_at)
         self.request_partial()
+
+    async def _partial_result(self, uid: int, ticket: Ticket) -> AsrResult | None:
+        """What a partial job (or a stream's piece) returned; None when it was skipped as stale,
+        withdrawn (a piece withdrawn at the endpoint goes with the final) or failed (logged)."""
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a failed partial is dropped; the final still comes (or reports it)
+            self._partial_failed(uid, exc)
+            return None
+
+    async def _show_partial(self, uid: int, start: int, end: int, result: AsrResult | None, asked_at: float) -> None:
+        """Send a partial of samples ``start:end``, only while its utterance is still open: a partial
+        never follows its speech_end or final."""
+        if result is None or not self.interim_results or self.open_utterance != uid:
+            return
+        text = self._agreement.update(result.text)
+        if text:
+            await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
+            self.metrics.partial_latency.observe(time.monotonic() - asked_at)
 
     def _partial_failed(self, uid: int, exc: Exception) -> None:
         """Log a failed partial, once per session per distinct failure (they repeat every interval)."""
@@ -332,9 +344,7 @@ class UtteranceDecoder:
         # Never skipped as stale: a piece the stream does not get would be a hole in its audio.
         ticket = self._submit(call, PARTIAL)
         self._feed, self._fed = (call, ticket, self._fed), pos
-        task = asyncio.create_task(self._stream_partial(uid, start, pos, call, ticket, time.monotonic()))
-        self._partial_tasks.add(task)
-        task.add_done_callback(self._partial_tasks.discard)
+        self._spawn(self._stream_partial(uid, start, pos, call, ticket, time.monotonic()))
 
     def _withdraw_feed(self, state: StreamState) -> None:
         """The utterance ended: withdraw the piece in flight unless a thread has begun it (its audio
@@ -349,20 +359,8 @@ class UtteranceDecoder:
 
     async def _stream_partial(self, uid: int, start: int, end: int, call: StreamCall, ticket: Ticket,
                               asked_at: float) -> None:
-        result = None
-        try:
-            result = await ticket.future
-        except asyncio.CancelledError:
-            pass  # withdrawn at the endpoint: the final carries its audio
-        except Exception as exc:  # noqa: BLE001 - the final reports the stream's failure
-            self._partial_failed(uid, exc)
-        finally:
-            if self._feed is not None and self._feed[0] is call:
-                self._feed = None
-        if result is not None and self.interim_results and self.open_utterance == uid:
-            text = self._agreement.update(result.text)
-            if text:
-                await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
-                self.metrics.partial_latency.observe(time.monotonic() - asked_at)
+        result = await self._partial_result(uid, ticket)
+        if self._feed is not None and self._feed[0] is call:
+            self._feed = None
+        await self._show_partial(uid, start, end, result, asked_at)
         self._feed_stream()
-
