@@ -1,29 +1,57 @@
 """``engine-host bench``: stream real speech over N concurrent sessions and measure.
 
-Each stream is the manifest's utterances (stream k starts at utterance k) joined
-by ``--gap`` seconds of silence, sent in ``--chunk`` frames at ``--speed`` ×
-real time (a frame leaves once its audio has "happened", like a microphone).
+Each stream is the manifest's utterances (stream k starts at utterance k) joined by ``--gap``
+seconds of silence after a leading offset (spread over ``--stagger`` seconds), sent in ``--chunk``
+frames at ``--speed`` × real time (a frame leaves once its audio has "happened", like a
+microphone). Session times are the sent audio's clock; the moment a session time ``t`` was sent
+is ``stream start + t / speed`` (stream start: the first audio byte). Each level (stream count)
+runs once per ``--endpointing`` policy (``turn``, ``silence``: the session's ``endpointing=``
+query parameter), and each row says which (``endpointing``: the effective value from
+``session.begin``'s ``config``, else the one asked; null where the server does not take the
+parameter, then each level runs once without it and the bench says so on stderr). Per row:
 
-- final latency: from the moment the endpoint silence has elapsed in the sent
-  audio (``speech_end + endpoint_silence_s - postroll_s``, or
-  ``short_endpoint_silence_s`` for an utterance shorter than ``short_utterance_s``;
-  from the engine's endpointing settings) to the arrival of ``transcript.final``;
-- first-partial latency: from the speech onset in the sent audio
-  (``speech_start + preroll_s``) to the arrival of the utterance's first
-  ``transcript.partial``;
+- **end of speech → final** (``end_of_speech_to_final_p50``/``_p95``), what a user waits for: for
+  every reference utterance (manifest clip) of a stream, its true end of speech found in the clean
+  clip (:mod:`host.speech_bounds`: the end of the last 50 ms run of 10 ms frames whose energy
+  above 300 Hz is within 38 dB of the clip's loudest frame, and at least 6 dB over its noise
+  floor) placed at the clip's offset in the stream; from the moment that was sent to the arrival
+  of the last ``transcript.final`` whose [start, end] overlaps the clip's speech span (the final
+  that completes the utterance). Includes the endpointing delay; ``utterances_without_final``
+  counts the clips no final overlapped;
+- **first partial after onset** (``first_partial_after_onset_p50``/``_p95``): from the moment the
+  clip's true speech onset (the start of the first such run) was sent to the arrival of the first
+  ``transcript.partial`` with text whose [start, end] overlaps the clip's speech span;
+- **finals per utterance** (``finals_per_utterance``): finals whose midpoint lies in a clip's
+  region (from its offset to the next clip's offset), averaged over the clips: 1.0 is ideal, more
+  means sentences were split at pauses, less that utterances were merged (or lost);
+- **from the endpoint** (``final_latency_p50``/``_p95``, ``first_partial_latency_*``; the figures
+  of older results, kept so that they stay comparable; they leave out the endpointing delay):
+  final latency from the moment the endpoint silence had elapsed in the sent audio as the server's
+  VAD saw it (``speech_end + endpoint_silence_s - postroll_s``, or ``short_endpoint_silence_s`` for
+  an utterance shorter than ``short_utterance_s``; from the engine's endpointing settings) to the
+  arrival of ``transcript.final``; first-partial latency from the VAD's onset
+  (``speech_start + preroll_s``) to the utterance's first ``transcript.partial``;
 - WER of the streamed transcripts against the references, and of the same engine and model
-  transcribing each utterance whole, without streaming (``--offline``, :mod:`host.offline`);
+  transcribing each utterance whole, without streaming (``--offline``, :mod:`host.offline`), and
+  their ratio ``wer_vs_offline``;
 - CPU and RSS of the worker process (when the bench started it, or ``--pid``), and
   the CPU the bench itself spent sending and receiving (on the same machine, the
   load generator takes cores from the worker);
-- VAD CPU: the thread time the worker's VAD spent on speech probabilities during
-  the level, as a percentage of one core (from its /metrics);
+- VAD CPU and turn-detector CPU: the thread time the worker's VAD spent on speech probabilities
+  (``vad_cpu_percent``) and its turn detector on end-of-turn checks (``turn_cpu_percent``, with
+  ``turn_checks`` the checks it ran) during the level, as a percentage of one core over the
+  level's wall time (from its /metrics; null where the worker has no such counter);
 - from the same counters: how busy the inference threads were, the mean time one
   final took on its thread (this VM's speed at that moment: results of the same
   command on a shared VM differ with it), and what became of the speculative
   finals (used, wasted because speech resumed, withdrawn before they ran).
 
-A level of N streams is *real-time* when final latency p95 ≤ ``--max-p95``
+Percentiles (``_p50``/``_p95``) are interpolated over all the level's utterances (all its
+streams); at ``--speed 0`` (as fast as possible) there is no pace to measure latency from, and
+the latencies are null. When both policies ran, ``comparison`` gives per stream count the ratios turn / silence of end of
+speech → final p50 and p95, finals per utterance and WER.
+
+A level of N streams is *real-time* when final latency (from the endpoint) p95 ≤ ``--max-p95``
 and no session got a processing_lag warning or error.
 """
 
@@ -38,7 +66,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +75,16 @@ import psutil
 
 from host import adversary
 from host.bench_report import counter_fields, fetch_engine, machine, mib, percentile, round3, table, worker_counters
-from host.client import Audio, concat, read_wav, session_url, silence, stream
-from host.endpointing import EndpointingOptions
+from host.bench_stats import StreamStats, analyse, clip_spans, compare_policies, speech_fields
+from host.client import Audio, StreamResult, concat, read_wav, session_url, silence, stream
 from host.offline import offline_wer
-from host.wer import WerCounts, word_errors
+from host.speech_bounds import speech_bounds
+from host.wer import WerCounts
 
 DEFAULT_MANIFEST = Path("../shared/speech/manifest.tsv")
+
+
+POLICIES = ("turn", "silence")
 
 
 @dataclass
@@ -60,16 +93,10 @@ class Item:
     audio: Audio
     reference: str
 
-
-@dataclass
-class StreamStats:
-    audio_seconds: float = 0.0
-    wer: WerCounts = field(default_factory=lambda: WerCounts(0, 0))
-    final_latencies: list[float] = field(default_factory=list)
-    first_partial_latencies: list[float] = field(default_factory=list)
-    partials: int = 0
-    warnings: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    @cached_property
+    def bounds(self) -> tuple[float, float] | None:
+        """The true speech onset and end in the clip (:func:`host.speech_bounds.speech_bounds`)."""
+        return speech_bounds(self.audio)
 
 
 @dataclass
@@ -104,50 +131,14 @@ def load_manifest(path: Path, limit: int | None) -> list[Item]:
     return [Item(r["id"], read_wav(path.parent / r["path"]), r["reference"]) for r in rows]
 
 
-def analyse(result, reference: str, speed: float | None, endpointing: dict[str, Any]) -> StreamStats:
-    """Latencies, WER and problems of one streamed session."""
-    stats = StreamStats()
-    stats.wer = word_errors(reference, result.end["transcript"] if result.end else "")
-    options = EndpointingOptions.from_options({"postroll_s": 0.0, "preroll_s": 0.0, **endpointing})
-    postroll, preroll = options.postroll_s, options.preroll_s
-    start_at: dict[int, float] = {}
-    onset_at: dict[int, float] = {}
-    end_at: dict[int, float] = {}
-    utterance = -1
-    for message, arrived in zip(result.messages, result.received_at):
-        kind = message["type"]
-        if kind == "vad.speech_start":
-            utterance += 1
-            start_at[utterance] = message["timestamp"]
-            onset_at[utterance] = message["timestamp"] + preroll
-        elif kind == "vad.speech_end":
-            # The endpoint fired this much silence after the last speech (speech_end carries the
-            # post-roll); the endpointer waits longer while an utterance is short.
-            speech = message["timestamp"] - postroll - start_at.get(utterance, 0.0)
-            end_at[utterance] = message["timestamp"] + options.endpoint_silence_for(speech) - postroll
-        elif kind == "transcript.partial":
-            stats.partials += 1
-            uid = message["utterance_id"]
-            if speed and uid in onset_at:
-                stats.first_partial_latencies.append(arrived - (result.started_at + onset_at.pop(uid) / speed))
-        elif kind == "transcript.final" and speed and message["utterance_id"] in end_at:
-            stats.final_latencies.append(arrived - (result.started_at + end_at[message["utterance_id"]] / speed))
-        elif kind == "warning":
-            stats.warnings.append(message["code"])
-        elif kind == "error":
-            stats.errors.append(message["code"])
-    if result.end is None:
-        stats.errors.append(f"no session.end (close {result.close_code})")
-    return stats
-
-
 async def run_stream(url: str, items: list[Item], args, endpointing: dict, progress: Progress,
                      offset: float = 0.0) -> StreamStats:
     audio = concat(silence(offset), *[part for it in items for part in (it.audio, silence(args.gap))])
     rate = audio.sample_rate * 2 * audio.channels
     result = await stream(url, audio, chunk_s=args.chunk, speed=args.speed,
                           on_sent=lambda n: progress.add(n / rate))
-    stats = analyse(result, " ".join(it.reference for it in items), args.speed, endpointing)
+    spans = clip_spans([it.audio for it in items], [it.bounds for it in items], offset, args.gap)
+    stats = analyse(result, " ".join(it.reference for it in items), args.speed, endpointing, spans)
     stats.audio_seconds = audio.seconds
     return stats
 
@@ -173,13 +164,19 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
             time.sleep(0.05)
 
 
-async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
-                      proc: psutil.Process | None) -> dict[str, Any]:
+def session_params(args) -> dict[str, Any]:
+    """The query parameters every measured session gets (besides ``endpointing``)."""
     params = dict(engine=args.engine, model=args.model, interim_results=False if args.no_partials else None)
-    surl = session_url(url, **{k: v for k, v in params.items() if v is not None})
+    return {k: v for k, v in params.items() if v is not None}
+
+
+async def bench_level(url: str, items: list[Item], n: int, args, endpointing: dict,
+                      proc: psutil.Process | None, policy: str | None = None) -> dict[str, Any]:
+    """One level: ``n`` streams at once with endpointing ``policy`` (None: no ``endpointing=``)."""
+    surl = session_url(url, **session_params(args), endpointing=policy)
     per_stream = [items[k % len(items):] + items[:k % len(items)] for k in range(n)]
     total_audio = n * sum(it.audio.seconds + args.gap for it in items) + n * args.stagger / 2
-    progress = Progress(total_audio, label=f"{n:3d} stream(s)")
+    progress = Progress(total_audio, label=f"{n:3d} stream(s)" + (f" {policy}" if policy else ""))
     rss_before = proc.memory_info().rss if proc else None
     if proc:
         proc.cpu_percent(None)
@@ -203,6 +200,22 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     cpu = proc.cpu_percent(None) if proc else None
     rss = proc.memory_info().rss if proc else None
     counters = counter_fields(counters_before, worker_counters(url) if counters_before else None, wall)
+    effective = next((r.endpointing for r in results if r.endpointing), policy) if policy else None
+    return {
+        "streams": n,
+        "endpointing": effective,
+        **level_fields(results, args.max_p95, wall),
+        "cpu_percent": cpu,
+        "client_cpu_percent": client_cpu,
+        **counters,
+        "rss_mib": mib(rss),
+        "rss_growth_mib": mib(rss - rss_before) if rss and rss_before else None,
+        **adversaries,
+    }
+
+
+def level_fields(results: list[StreamStats], max_p95: float, wall: float) -> dict[str, Any]:
+    """A level's latencies, WER and problems over its streams (``realtime``: see the module docstring)."""
     finals = [x for r in results for x in r.final_latencies]
     partials = [x for r in results for x in r.first_partial_latencies]
     wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
@@ -210,26 +223,63 @@ async def bench_level(url: str, items: list[Item], n: int, args, endpointing: di
     errors = sorted({e for r in results for e in r.errors})
     p95 = percentile(finals, 0.95)
     return {
-        "streams": n,
         "audio_seconds": round(sum(r.audio_seconds for r in results), 1),
         "wall_seconds": round(wall, 1),
         "finals": len(finals),
+        **speech_fields(results),
         "final_latency_p50": round3(percentile(finals, 0.5)),
         "final_latency_p95": round3(p95),
         "first_partial_latency_p50": round3(percentile(partials, 0.5)),
         "first_partial_latency_p95": round3(percentile(partials, 0.95)),
         "partials": sum(r.partials for r in results),
         "wer": round(wer.wer, 4),
-        "cpu_percent": cpu,
-        "client_cpu_percent": client_cpu,
-        **counters,
-        "rss_mib": mib(rss),
-        "rss_growth_mib": mib(rss - rss_before) if rss and rss_before else None,
         "lag_events": lag,
         "errors": errors,
-        "realtime": bool(finals) and p95 is not None and p95 <= args.max_p95 and lag == 0 and not errors,
-        **adversaries,
+        "realtime": bool(finals) and p95 is not None and p95 <= max_p95 and lag == 0 and not errors,
     }
+
+
+def endpointing_verdict(result: StreamResult, policy: str) -> tuple[bool, str | None]:
+    """What a session opened with ``endpointing=policy`` says of it: (accepted, effective policy).
+    Refused (False, None) on ``invalid_config`` about ``endpointing`` (a worker without the
+    parameter: unknown parameter); any other failure to open a session stops the bench."""
+    first = result.messages[0] if result.messages else None
+    if first is not None and first["type"] == "session.begin":
+        return True, (first.get("config") or {}).get("endpointing", policy)
+    if first is not None and first["type"] == "error" and first.get("code") == "invalid_config" and (
+            first.get("param") == "endpointing" or str(first.get("message", "")).startswith("endpointing")):
+        return False, None
+    what = first if first is not None else f"close {result.close_code} {result.close_reason}".strip()
+    raise SystemExit(f"bench: a session with endpointing={policy} did not open: {what}")
+
+
+def plan_policies(url: str, args) -> list[str | None]:
+    """The ``--endpointing`` policies to run, each tried first with an empty session. A policy the
+    worker refuses is dropped, and one that runs as a policy already planned (``turn`` on an engine
+    without a turn detector answers ``silence``) too, each with a note on stderr; when none is
+    left, each level runs once without the parameter ([None])."""
+    plan: list[str | None] = []
+    seen: set[str | None] = set()
+    refused = []
+    for policy in args.endpointing:
+        accepted, effective = asyncio.run(_probe(url, args, policy))
+        if not accepted:
+            refused.append(policy)
+        elif effective in seen:
+            print(f"bench: endpointing={policy} runs as {effective}, measured already: skipped", file=sys.stderr)
+        else:
+            seen.add(effective)
+            plan.append(policy)
+    if refused:
+        print(f"bench: warning: the server refuses endpointing={','.join(refused)} (an older worker?); "
+              + ("each level runs once without it, \"endpointing\": null" if not plan else "those are not measured"),
+              file=sys.stderr)
+    return plan or [None]
+
+
+async def _probe(url: str, args, policy: str) -> tuple[bool, str | None]:
+    result = await stream(session_url(url, **session_params(args), endpointing=policy), silence(0.0), speed=None)
+    return endpointing_verdict(result, policy)
 
 
 def start_adversaries(url: str, items: list[Item], args, stop: asyncio.Event) -> asyncio.Task:
@@ -269,11 +319,15 @@ def main(args) -> int:
             "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": round3(startup),
             "idle_rss_mib": mib(proc.memory_info().rss) if proc else None, "runs": [],
         }
+        report["endpointing_policies"] = policies = plan_policies(url, args)
         for n in levels:
-            row = asyncio.run(bench_level(url, items, n, args, engine.get("endpointing") or {}, proc))
-            report["runs"].append(row)
+            for policy in policies:
+                report["runs"].append(asyncio.run(bench_level(url, items, n, args, engine.get("endpointing") or {},
+                                                              proc, policy)))
         ok = [r["streams"] for r in report["runs"] if r["realtime"]]
         report["max_realtime_streams"] = max(ok) if ok else 0
+        if comparison := compare_policies(report["runs"]):
+            report["comparison"] = comparison
         if args.offline:
             report["offline"] = offline_wer(items, engine["id"], args.model, args.engines_dir)
             offline = report["offline"].get("wer")
@@ -300,7 +354,10 @@ def add_arguments(p) -> None:
     p.add_argument("--gap", type=float, default=1.0, help="silence between utterances (s)")
     p.add_argument("--stagger", type=float, default=3.0,
                    help="spread stream starts over this many seconds (leading silence)")
-    p.add_argument("--max-p95", type=float, default=1.0, help="final p95 (s) a real-time level may reach")
+    p.add_argument("--max-p95", type=float, default=1.0,
+                   help="final p95 (s, from the endpoint) a real-time level may reach")
+    p.add_argument("--endpointing", type=policy_list, default=list(POLICIES),
+                   help="comma-separated endpointing policies, each level runs once per policy (default: turn,silence)")
     p.add_argument("--engine")
     p.add_argument("--model")
     p.add_argument("--no-partials", action="store_true", help="interim_results=false")
@@ -311,3 +368,12 @@ def add_arguments(p) -> None:
                    help="flush-storm sessions (32 ms + flush, 45/s) running beside the measured streams")
     p.add_argument("--uploads", type=int, default=0,
                    help="sessions uploading the manifest's audio as fast as possible beside the measured streams")
+
+
+def policy_list(text: str) -> list[str]:
+    """``--endpointing``: a comma list of :data:`POLICIES`, in order, without repeats."""
+    policies = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in policies if x not in POLICIES]
+    if bad or not policies:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(POLICIES)}, got {text!r}")
+    return policies

@@ -50,6 +50,9 @@ def worker_counters(url: str) -> dict[str, float] | None:
         kind = "partial" if 'kind="partial"' in labels else "decode"  # finals and speculative finals
         if name == "engine_host_vad_cpu_seconds_total":
             out["vad_cpu_seconds"] = float(value)
+        elif name in ("engine_host_turn_cpu_seconds_total", "engine_host_turn_checks_total"):
+            key = "turn_cpu_seconds" if "cpu" in name else "turn_checks"
+            out[key] = out.get(key, 0.0) + float(value)
         elif name == "engine_host_inference_seconds_total":
             out[f"{kind}_seconds"] = out.get(f"{kind}_seconds", 0.0) + float(value)
         elif name == "engine_host_inference_jobs_total" and 'outcome="completed"' in labels:
@@ -62,7 +65,8 @@ def worker_counters(url: str) -> dict[str, float] | None:
 def counter_fields(before: dict[str, float] | None, after: dict[str, float] | None, wall: float) -> dict:
     """Per-level figures from the worker's counters (None where the worker did not report them)."""
     if before is None or after is None or wall <= 0:
-        return {"vad_cpu_percent": None, "asr_busy_percent": None, "decode_mean_s": None, "speculative": None}
+        return {"vad_cpu_percent": None, "turn_cpu_percent": None, "turn_checks": None, "asr_busy_percent": None,
+                "decode_mean_s": None, "speculative": None}
 
     def d(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -70,6 +74,9 @@ def counter_fields(before: dict[str, float] | None, after: dict[str, float] | No
     busy = d("decode_seconds") + d("partial_seconds")
     return {
         "vad_cpu_percent": round(d("vad_cpu_seconds") / wall * 100, 1) if "vad_cpu_seconds" in after else None,
+        # The turn detector's thread CPU in % of one core, and the end-of-turn checks it ran.
+        "turn_cpu_percent": round(d("turn_cpu_seconds") / wall * 100, 2) if "turn_cpu_seconds" in after else None,
+        "turn_checks": int(d("turn_checks")) if "turn_checks" in after else None,
         # Thread-busy time of the inference queue, in % of one thread: past 100 × threads it is saturated.
         "asr_busy_percent": round(busy / wall * 100, 1) if "decode_seconds" in after else None,
         # Mean time one final (or speculative final) took on its thread: how fast this machine decodes
@@ -81,10 +88,15 @@ def counter_fields(before: dict[str, float] | None, after: dict[str, float] | No
 
 def table(report: dict[str, Any]) -> str:
     """The report as the plain-text table ``engine-host bench`` prints without ``--json``."""
-    cols = [("streams", "N"), ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
+    cols = [("streams", "N"), ("endpointing", "endpointing"),
+            ("end_of_speech_to_final_p50", "EoS p50"), ("end_of_speech_to_final_p95", "EoS p95"),
+            ("first_partial_after_onset_p50", "onset p50"), ("first_partial_after_onset_p95", "onset p95"),
+            ("finals_per_utterance", "finals/utt"),
+            ("final_latency_p50", "final p50"), ("final_latency_p95", "final p95"),
             ("first_partial_latency_p50", "partial p50"), ("first_partial_latency_p95", "partial p95"),
             ("wer", "WER"), ("wer_vs_offline", "×offline"), ("cpu_percent", "CPU %"),
             ("client_cpu_percent", "client CPU %"), ("vad_cpu_percent", "VAD CPU %"),
+            ("turn_cpu_percent", "turn CPU %"), ("turn_checks", "turn checks"),
             ("asr_busy_percent", "ASR busy %"), ("decode_mean_s", "decode s"), ("rss_mib", "RSS MiB"),
             ("lag_events", "lag"), ("realtime", "real-time")]
     lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
@@ -95,6 +107,11 @@ def table(report: dict[str, Any]) -> str:
     lines.append("  ".join(f"{h:>11}" for _, h in cols))
     for row in report["runs"]:
         lines.append("  ".join(f"{'-' if row.get(k) is None else row.get(k)!s:>11}" for k, _ in cols))
+    lines.append("EoS: true end of speech → final; onset: true speech onset → first partial; finals/utt: finals "
+                 "per reference utterance; final/partial: from the VAD's endpoint/onset (older results' figures)")
+    for c in report.get("comparison", []):
+        lines.append(f"turn/silence at {c['streams']} stream(s): EoS p50 ×{c['end_of_speech_to_final_p50']}, "
+                     f"p95 ×{c['end_of_speech_to_final_p95']}, finals/utt ×{c['finals_per_utterance']}, WER ×{c['wer']}")
     if "offline" in report:
         offline = report["offline"]
         lines.append(f"offline WER {offline.get('wer')} ({offline.get('settings') or offline.get('note', '')})")
