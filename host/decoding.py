@@ -85,6 +85,7 @@ class UtteranceDecoder:
         self._agreement = LocalAgreement()
         self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
+        self._early: tuple[int, int, Ticket, float] | None = None  # (start, end, job, asked at): a first partial
         self._partial_tasks: set[asyncio.Task] = set()
         self._partial_failures: set[str] = set()  # logged once each
         self.streaming = streams(model)
@@ -123,6 +124,13 @@ class UtteranceDecoder:
         self._next_utterance += 1
         self._agreement = LocalAgreement()
         self._partial_from = sample
+        early, self._early = self._early, None
+        if early is not None and early[0] == sample:  # decoding since before the utterance opened
+            _, end, ticket, asked_at = early
+            self._partial, self._partial_from = (uid, ticket), end
+            self._spawn(self._deliver_partial(uid, sample, end, ticket, asked_at))
+        elif early is not None:
+            early[2].cancel()
         if self.streaming:
             language = None if self.language == "auto" else self.language
             options = session_options(self.config, previous_text=self.previous_text, session_id=self.session_id)
@@ -130,6 +138,18 @@ class UtteranceDecoder:
                                        word_timestamps=self.wants_words(sample), options=options)
             self._fed = sample
         return uid
+
+    def likely(self, sample: int, alive: Callable[[], bool]) -> None:
+        """Speech probably starts at ``sample``: decode the utterance's first partial already, so that
+        it does not wait for ``min_speech_s``; it is shown if the utterance opens there. ``alive``
+        says whether that speech is still pending or open (a blip's decode is skipped as stale)."""
+        if not self.interim_results or self.stopped or self.streaming or self._utterance is not None:
+            return
+        if self._early is not None:
+            self._early[2].cancel()
+        end = self.buffer.end
+        ticket = self._submit(self.call(sample, end, partial=True), PARTIAL, stale=lambda: not alive())
+        self._early = (sample, end, ticket, time.monotonic())
 
     def wants_words(self, start: int, cut: bool = False) -> bool:
         """Whether the final of an utterance starting at ``start`` needs word timings: the client
@@ -277,7 +297,7 @@ class UtteranceDecoder:
         pos = self.buffer.end
         first = self._partial_from == start
         # Until a partial with text was sent, ask again sooner: the first one is the one users wait for.
-        interval = self.partial_interval_s * (1.0 if self._agreement.shown else 0.4)
+        interval = self.partial_interval_s * (1.0 if self._agreement.shown else 0.2)
         if not first and pos - self._partial_from < interval * SAMPLE_RATE:
             return
         self._partial_from = pos

@@ -9,7 +9,7 @@ Positions are session sample indices at 16 kHz.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from host.contracts import SAMPLE_RATE
 
@@ -49,6 +49,11 @@ ENDPOINTING_SCHEMA = {
             "type": "number", "minimum": 0, "maximum": 5, "default": 0.25,
             "description": "Speech shorter than this is a blip and is dropped.",
         },
+        "early_partial_s": {
+            "type": "number", "minimum": 0, "maximum": 5, "default": 0.1,
+            "description": "Speech after which the first partial of an utterance is decoded, before the "
+                           "utterance opens at min_speech_s (0: when it opens). It is sent only if it opens.",
+        },
         "speculate_after_s": {
             "type": "number", "minimum": 0, "maximum": 5, "default": 0.2,
             "description": "Silence after which the utterance is decoded speculatively, so its final is "
@@ -68,6 +73,24 @@ ENDPOINTING_SCHEMA = {
             "type": "number", "minimum": 1, "maximum": 60, "default": 30,
             "description": "Longer speech is cut (at its quietest recent window) and finalized.",
         },
+        "turn_checkpoints_s": {
+            "type": "array", "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 5},
+            "minItems": 1, "maxItems": 8, "default": [0.3],
+            "description": "With a turn detector (endpointing=turn): silence after the last speech at which "
+                           "it is asked whether the turn is complete (eagerness medium; high: x0.5, low: x2). "
+                           "A complete turn ends the utterance postroll_s after the last speech (or at the "
+                           "first checkpoint, if sooner), where its speculative decode started.",
+        },
+        "turn_threshold": {
+            "type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
+            "description": "Complete-probability at or above which the turn ends (eagerness medium; "
+                           "high lowers it by 0.2, low raises it by 0.2).",
+        },
+        "turn_max_silence_s": {
+            "type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.0,
+            "description": "With a turn detector: silence that ends an utterance the detector keeps open "
+                           "(eagerness medium; high: x0.5, low: x2).",
+        },
     },
 }
 ENDPOINTING_KEYS = frozenset(ENDPOINTING_SCHEMA["properties"])
@@ -83,10 +106,14 @@ class EndpointingOptions:
     preroll_s: float = 0.3
     postroll_s: float = 0.2
     min_speech_s: float = 0.25
+    early_partial_s: float = 0.1
     speculate_after_s: float = 0.2
     max_utterance_s: float = 30.0
     reset_state_at_endpoint: bool = True
     reset_warmup_s: float = 0.5
+    turn_checkpoints_s: tuple[float, ...] = (0.3,)
+    turn_threshold: float = 0.5
+    turn_max_silence_s: float = 1.0
 
     def endpoint_silence_for(self, speech_s: float) -> float:
         """Seconds of silence that end an utterance holding ``speech_s`` of speech (pre-roll
@@ -99,7 +126,39 @@ class EndpointingOptions:
     @classmethod
     def from_options(cls, options: dict) -> EndpointingOptions:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in options.items() if k in names})
+        values = {k: v for k, v in options.items() if k in names}
+        if "turn_checkpoints_s" in values:
+            values["turn_checkpoints_s"] = tuple(sorted(values["turn_checkpoints_s"]))
+        return cls(**values)
+
+    def turn_policy(self, eagerness: str = "auto") -> TurnPolicy:
+        """The turn policy for a session's ``eagerness`` (``low|medium|high|auto``; auto is medium)."""
+        shift, scale = EAGERNESS[eagerness]
+        return TurnPolicy(tuple(c * scale for c in self.turn_checkpoints_s),
+                          min(0.95, max(0.05, self.turn_threshold + shift)), self.turn_max_silence_s * scale)
+
+    def with_silence(self, seconds: float) -> EndpointingOptions:
+        """These options with ``seconds`` of silence ending every utterance (a session's ``silence_ms``)."""
+        return replace(self, endpoint_silence_s=seconds, short_utterance_s=0.0)
+
+
+EAGERNESS: dict[str, tuple[float, float]] = {
+    "low": (0.2, 2.0), "medium": (0.0, 1.0), "auto": (0.0, 1.0), "high": (-0.2, 0.5)}
+"""Eagerness → (shift of ``turn_threshold``, factor on the checkpoints and ``turn_max_silence_s``): as
+OpenAI's ``semantic_vad``, high ends turns sooner and on less certainty, low waits longer for the
+speaker to go on."""
+
+
+@dataclass(frozen=True)
+class TurnPolicy:
+    """When a turn detector is asked at a pause, and what its answer does."""
+
+    checkpoints_s: tuple[float, ...]
+    """Silence after the last speech at which the detector is asked."""
+    threshold: float
+    """Complete-probability at or above which the turn ends at the pause."""
+    max_silence_s: float
+    """Silence that ends the utterance whatever the detector said."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +172,16 @@ class SpeechEnd:
     sample: int
     """Where the utterance ends (exclusive)."""
     reason: str
-    """``silence``, ``max_length`` or ``flush``."""
+    """``silence``, ``turn`` (the turn detector judged the turn complete), ``max_length``, ``flush``
+    or ``clear``."""
+
+
+@dataclass(frozen=True)
+class SpeechLikely:
+    """Speech began at ``sample`` (pre-roll included) but is shorter than ``min_speech_s`` yet: the
+    utterance probably opens there (a :class:`SpeechStart` at the same sample), or it is a blip."""
+
+    sample: int
 
 
 @dataclass(frozen=True)
@@ -131,7 +199,21 @@ class SpeechResume:
     sample: int
 
 
-Event = SpeechStart | SpeechEnd | SpeechPause | SpeechResume
+@dataclass(frozen=True)
+class TurnCheck:
+    """Speech paused for a checkpoint's silence (endpointing=turn): ask the turn detector whether the
+    turn is complete, on the audio of the open utterance up to ``sample``, and answer with
+    :meth:`Endpointer.decide`. The endpointer waits for the answer before its next window."""
+
+    sample: int
+    """The position of the check (the end of the audio the detector hears)."""
+    end: int
+    """Where the utterance ends if the turn is complete (the pause's SpeechPause sample)."""
+    pause: int
+    """Which pause of the utterance this is (a resumed pause voids its checks)."""
+
+
+Event = SpeechStart | SpeechEnd | SpeechLikely | SpeechPause | SpeechResume | TurnCheck
 
 _SILENCE, _PENDING, _SPEECH = "silence", "pending", "speech"
 _CUT_SEARCH_S = 3.0
@@ -140,22 +222,17 @@ _CUT_SEARCH_S = 3.0
 class Endpointer:
     """Consumes one probability per window, in order, and emits speech events."""
 
-    def __init__(self, options: EndpointingOptions, window_samples: int):
-        self.options = options
+    def __init__(self, options: EndpointingOptions, window_samples: int, turn: TurnPolicy | None = None):
         self.window = window_samples
-        neg = options.neg_threshold
-        self._neg = max(0.0, options.threshold - 0.15) if neg is None else min(neg, options.threshold)
-        s = SAMPLE_RATE
-        self._endpoint = int(options.endpoint_silence_s * s)
-        self._preroll = int(options.preroll_s * s)
-        self._postroll = int(options.postroll_s * s)
-        self._min_speech = int(options.min_speech_s * s)
-        self._max_len = int(options.max_utterance_s * s)
-        self._speculate = int(max(options.speculate_after_s, options.postroll_s) * s) if options.speculate_after_s else 0
+        self.configure(options, turn)
         self._paused = False
+        self._checked = 0  # checkpoints of the current pause the turn detector was asked at
+        self._pause_no = 0  # counts pauses, so that an answer about a resumed pause is void
+        self._pause_end = 0
         self.position = 0
         """Samples consumed so far."""
         self._state = _SILENCE
+        self._likely = False  # SpeechLikely was emitted for the pending speech
         self._floor = 0  # no utterance may start before the end of the previous one
         self._onset = 0
         self._speech_samples = 0
@@ -164,10 +241,32 @@ class Endpointer:
         self._start = 0
         self._recent: list[tuple[int, float]] = []  # (window start, prob) of the open utterance
 
+    def configure(self, options: EndpointingOptions, turn: TurnPolicy | None = None) -> None:
+        """Use ``options`` and, with a turn detector, ``turn`` (None: the silence timer) from the next
+        window on (a session may change its endpointing mid-stream)."""
+        self.options = options
+        self.turn = turn
+        neg = options.neg_threshold
+        self._neg = max(0.0, options.threshold - 0.15) if neg is None else min(neg, options.threshold)
+        s = SAMPLE_RATE
+        self._endpoint = int(options.endpoint_silence_s * s)
+        self._preroll = int(options.preroll_s * s)
+        self._postroll = int(options.postroll_s * s)
+        self._min_speech = int(options.min_speech_s * s)
+        self._early = int(options.early_partial_s * s)
+        self._max_len = int(options.max_utterance_s * s)
+        self._speculate = int(max(options.speculate_after_s, options.postroll_s) * s) if options.speculate_after_s else 0
+        self._checkpoints = [int(c * s) for c in turn.checkpoints_s] if turn is not None else []
+
     @property
     def in_speech(self) -> bool:
         """True while an utterance is open (speech_start was emitted)."""
         return self._state == _SPEECH
+
+    @property
+    def pending(self) -> bool:
+        """True while speech has begun but is not yet an utterance (``min_speech_s``)."""
+        return self._state == _PENDING
 
     @property
     def utterance_start(self) -> int | None:
@@ -191,6 +290,7 @@ class Endpointer:
         if self._state == _SILENCE:
             if p >= self.options.threshold:
                 self._state = _PENDING
+                self._likely = False
                 self._onset = pos
                 self._speech_samples = self.window
                 self._silence_run = 0
@@ -206,21 +306,48 @@ class Endpointer:
             self._recent.append((pos, p))
             self._track(p, end)
             if self._silence_run == 0 and self._paused:
-                self._paused = False
+                self._paused, self._checked = False, 0
+                self._pause_no += 1
                 events.append(SpeechResume(pos))
             if self._silence_run >= self._endpoint_silence():
-                events.append(self._close(min(self._last_speech_end + self._postroll, end), "silence"))
+                last = min(self._last_speech_end + self._postroll, end)
+                events.append(self._close(self._pause_end if self.turn and self._paused else last, "silence"))
             elif end - self._start >= self._max_len:
                 cut = self._cut_point(end)
                 kept = [(s, q) for s, q in self._recent if s >= cut]
                 events.append(self._close(cut, "max_length"))
                 self._open(cut, events)
                 self._recent = kept
+            elif self.turn is not None:
+                self._checkpoint(end, events)
             elif (self._speculate and not self._paused and self._silence_run
                   and end - self._last_speech_end >= self._speculate + self._endpoint_silence() - self._endpoint):
                 self._paused = True
                 events.append(SpeechPause(self._last_speech_end + self._postroll))
         return events
+
+    def decide(self, check: TurnCheck, probability: float | None) -> list[Event]:
+        """The turn detector's answer to ``check`` (None: it had none): a complete turn ends the utterance
+        at the pause. An answer about a pause that speech has since resumed is void."""
+        if (self.turn is None or self._state != _SPEECH or not self._paused or check.pause != self._pause_no
+                or probability is None or probability < self.turn.threshold):
+            return []
+        return [self._close(check.end, "turn")]
+
+    def _checkpoint(self, end: int, events: list[Event]) -> None:
+        """At ``postroll_s`` of silence (or the first checkpoint, if sooner) start the speculative
+        decode of the utterance as it would end there; ask the turn detector when the pause reaches
+        its next checkpoint."""
+        if not self._silence_run:
+            return
+        silence = end - self._last_speech_end
+        if not self._paused and silence >= min(self._postroll, self._checkpoints[0]):
+            self._paused = True
+            self._pause_end = min(self._last_speech_end + self._postroll, end)
+            events.append(SpeechPause(self._pause_end))
+        if self._paused and self._checked < len(self._checkpoints) and silence >= self._checkpoints[self._checked]:
+            self._checked += 1
+            events.append(TurnCheck(end, self._pause_end, self._pause_no))
 
     def flush(self, upto: int = 0) -> list[Event]:
         """Finalize whatever speech is open or pending, as if an endpoint were detected.
@@ -245,8 +372,11 @@ class Endpointer:
         return events
 
     def _endpoint_silence(self) -> int:
-        """Samples of silence that end the open utterance (:meth:`EndpointingOptions.endpoint_silence_for`).
-        Speculation is pushed back by as much as this exceeds ``endpoint_silence_s``."""
+        """Samples of silence that end the open utterance: the turn policy's maximum, else
+        :meth:`EndpointingOptions.endpoint_silence_for`. Speculation is pushed back by as much as
+        this exceeds ``endpoint_silence_s``."""
+        if self.turn is not None:
+            return int(self.turn.max_silence_s * SAMPLE_RATE)
         speech_s = (self._last_speech_end - self._start) / SAMPLE_RATE
         return int(self.options.endpoint_silence_for(speech_s) * SAMPLE_RATE)
 
@@ -259,12 +389,17 @@ class Endpointer:
             self._silence_run += self.window
 
     def _maybe_confirm(self, events: list[Event]) -> None:
+        start = max(self._floor, self._onset - self._preroll)
         if self._speech_samples >= self._min_speech:
-            self._open(max(self._floor, self._onset - self._preroll), events)
+            self._open(start, events)
+        elif self._early and not self._likely and self._speech_samples >= self._early:
+            self._likely = True
+            events.append(SpeechLikely(start))
 
     def _open(self, start: int, events: list[Event]) -> None:
         self._state = _SPEECH
-        self._paused = False
+        self._paused, self._checked = False, 0
+        self._pause_no += 1
         self._start = start
         self._silence_run = 0
         events.append(SpeechStart(start))

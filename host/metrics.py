@@ -79,6 +79,11 @@ class _StateCollector:
         yield _counter("engine_host_vad_cpu_seconds", "CPU time the VAD threads spent on speech probabilities",
                        vad.get("cpu_seconds", 0.0))
         yield _counter("engine_host_vad_windows", "VAD windows computed", vad.get("windows", 0))
+        turn = s.get("turn", {})
+        yield _counter("engine_host_turn_cpu_seconds", "CPU time the turn detector spent on end-of-turn checks",
+                       turn.get("cpu_seconds", 0.0))
+        yield _counter("engine_host_turn_checks", "End-of-turn checks the turn detector answered",
+                       turn.get("checks", 0))
         seconds = CounterMetricFamily("engine_host_inference_seconds",
                                       "Time inference threads spent running jobs, by model and kind",
                                       labels=["model", "kind"])

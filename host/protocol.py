@@ -108,6 +108,13 @@ def speech_end(timestamp: float) -> dict[str, Any]:
     return {"type": "vad.speech_end", "timestamp": round(timestamp, 3)}
 
 
+def turn_end(utterance_id: int, timestamp: float, reason: str, probability: float | None) -> dict[str, Any]:
+    """The end of a turn (``turn_events=true``): why the utterance ended (``turn``: the turn detector
+    judged it complete; ``silence``, ``max_length``, ``flush``) and the detector's last answer."""
+    return {"type": "turn.end", "utterance_id": utterance_id, "timestamp": round(timestamp, 3), "reason": reason,
+            "probability": None if probability is None else round(probability, 3)}
+
+
 def transcript_partial(utterance_id: int, text: str, start: float, end: float) -> dict[str, Any]:
     return {"type": "transcript.partial", "utterance_id": utterance_id, "text": text,
             "start": round(start, 3), "end": round(end, 3)}

@@ -39,6 +39,7 @@ from host.scheduler import Scheduler
 from host.session import Session, SessionServices
 from host.session_config import parse_session_config, pick_engine
 from host.settings import Settings
+from host.turn import TurnBatcher
 from host.vad import VadBatcher
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Worker(FrontDoor[Settings]):
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
         self._vad_batchers: dict[int, VadBatcher] = {}
+        self._turn_batchers: dict[int, TurnBatcher] = {}
         self.metrics = Metrics(self._metrics_state)
         self.sessions_dir = Path(settings.sessions_dir) if settings.sessions_dir else None
         self._recording_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rec")
@@ -87,6 +89,7 @@ class Worker(FrontDoor[Settings]):
             worker_id=settings.worker_id,
             scheduler=self.scheduler,
             vad_batcher=self._vad_batcher,
+            turn_batcher=self._turn_batcher,
             max_frame_bytes=settings.max_frame_bytes,
             partial_interval_s=settings.partial_interval_s,
             lag_warning_s=settings.lag_warning_s,
@@ -112,6 +115,12 @@ class Worker(FrontDoor[Settings]):
         if batcher is None:
             batcher = self._vad_batchers[id(model)] = VadBatcher(
                 model, self._vad_executor, interval_s=self.settings.vad_batch_interval_ms / 1000)
+        return batcher
+
+    def _turn_batcher(self, detector, component: str) -> TurnBatcher:
+        batcher = self._turn_batchers.get(id(detector))
+        if batcher is None:  # on the VAD threads: a check is as short as a VAD batch, and as urgent
+            batcher = self._turn_batchers[id(detector)] = TurnBatcher(detector, self._vad_executor, component)
         return batcher
 
     # --- lifecycle ----------------------------------------------------------
@@ -231,6 +240,8 @@ class Worker(FrontDoor[Settings]):
             "memory": self.models.memory(),
             "vad": {"cpu_seconds": sum(b.cpu_seconds for b in self._vad_batchers.values()),
                     "windows": sum(b.windows for b in self._vad_batchers.values())},
+            "turn": {"cpu_seconds": sum(b.cpu_seconds for b in self._turn_batchers.values()),
+                     "checks": sum(b.checks for b in self._turn_batchers.values())},
         }
 
     def worker_info(self) -> WorkerInfo:

@@ -10,6 +10,7 @@ from host.contracts import SessionInfo, SessionRecord
 from host.metrics import Metrics
 from host.recording import SessionRecorder
 from host.scheduler import Scheduler
+from host.turn import TurnBatcher
 from host.vad import VadBatcher
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ class SessionServices:
     scheduler: Scheduler
     vad_batcher: Callable[[Any], VadBatcher]
     """The shared :class:`VadBatcher` of a VAD model."""
+    turn_batcher: Callable[[Any, str], TurnBatcher]
+    """The shared :class:`TurnBatcher` of a turn detector (and its component label)."""
     max_frame_bytes: int
     partial_interval_s: float
     """New audio (seconds) between two partial requests of an open utterance."""

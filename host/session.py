@@ -10,7 +10,6 @@ final, partials); a chain of delivery tasks sends the finals strictly in utteran
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -23,22 +22,32 @@ from host import protocol as msg
 from host.asr import ComponentFailure
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
+from host.control import SessionControl
 from host.decoding import UtteranceDecoder
-from host.endpointing import Event, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from host.endpointing import (
+    Event,
+    SpeechEnd,
+    SpeechLikely,
+    SpeechPause,
+    SpeechResume,
+    SpeechStart,
+    TurnCheck,
+)
 from host.frontdoor import close_now
 from host.keepalive import Keepalive
-from host.limits import SessionLimits, TokenBucket
+from host.limits import TokenBucket
 from host.models import LoadedEngine
-from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
+from host.protocol import Close, ErrorCode
 from host.sender import Sender
 from host.services import SessionServices
-from host.session_config import SessionConfig, check_language
+from host.session_config import SessionConfig
+from host.turn import TurnTaking
 from host.vad import VadStage
 
 log = logging.getLogger(__name__)
 
 
-class Session(SessionLimits):
+class Session(SessionControl):
     """One client connection's pipeline; :meth:`run` serves it to the end."""
 
     def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
@@ -49,7 +58,9 @@ class Session(SessionLimits):
         self.out = Sender(ws)
         self.decoder = AudioDecoder(config.encoding, config.sample_rate, config.channels)
         self.buffer = AudioBuffer()
-        self.vad = VadStage(engine.vad if config.enable_vad else None, engine.endpointing)
+        self.vad = VadStage(engine.vad if config.enable_vad else None, *self._endpointing())
+        self.turns = (TurnTaking(services.turn_batcher(engine.turn, engine.component("turn")), self.id)
+                      if engine.turn is not None else None)
         self.transcript = engine.assembler.open_session()
         self.info = SessionInfo(self.id, engine.id, config.public(), services.worker_id)
         self.recorder = services.recorder(self.id) if services.recorder is not None else None
@@ -237,63 +248,6 @@ class Session(SessionLimits):
                 await self._process(samples)
         await self._check_lag()
 
-    async def _on_text(self, text: str) -> None:
-        try:
-            if nested_deeper_than(text, MAX_JSON_DEPTH):
-                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-            message = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            await self._report(ErrorCode.INVALID_JSON, f"malformed JSON: {str(exc)[:200]}", recoverable=True)
-            return
-        await self._on_message(message)
-
-    async def _on_message(self, message: Any) -> None:
-        """One JSON control message (a parsed text frame, or a dialect's dict)."""
-        kind = message.get("type") if isinstance(message, dict) else None
-        # `end` always goes through: dropping it would leave the client waiting for session.end.
-        if kind != "end" and not self._control_rate.take():
-            now = time.monotonic()
-            if now - self._rate_reported >= 1.0:  # one error a second, not one per dropped message
-                self._rate_reported = now
-                await self._report(ErrorCode.RATE_LIMITED, f"more than {self.services.max_control_per_s:g} control "
-                                   "messages per second; extra messages are dropped", recoverable=True)
-            return
-        handlers = {"config": self._on_config, "flush": self._on_flush, "clear": self._on_clear, "end": self._on_end}
-        handler = handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            shown = kind if isinstance(kind, str) else "(missing)"
-            await self._report(ErrorCode.UNKNOWN_MESSAGE, f"unknown message type {shown!r}; "
-                               "expected config, flush, clear or end", recoverable=True)
-            return
-        await handler(message)
-
-    async def _on_config(self, message: dict) -> None:
-        unknown = sorted(set(message) - {"type", "language"})
-        try:
-            if unknown:
-                raise ConfigError(ascii(unknown[0]), "cannot be changed during a session (only language can)")
-            if "language" in message:
-                self.decoding.language = check_language(message["language"], self.engine.spec)
-        except ConfigError as exc:
-            await self._report(ErrorCode.INVALID_CONFIG, str(exc), recoverable=True, param=exc.param)
-
-    async def _on_flush(self, message: dict) -> None:
-        await self._room_for_finals()
-        async with self._lock:
-            if self._finished:
-                return
-            await self._handle(self.vad.flush())
-            self._chain(self.out.send(msg.flush_done()))
-
-    async def _on_clear(self, message: dict) -> None:
-        async with self._lock:
-            if not self._finished:
-                await self._handle(self.vad.clear())
-                self.buffer.discard_before(self.buffer.end)
-
-    async def _on_end(self, message: dict) -> None:
-        await self.finish(msg.NORMAL)
-
     # --- pipeline -------------------------------------------------------------
 
     async def _process(self, samples: np.ndarray) -> None:
@@ -306,30 +260,55 @@ class Session(SessionLimits):
         if not len(windows):
             return
         batcher = self.services.vad_batcher(self.engine.vad) if self.vad.needs_model else None
-        probabilities = await self.vad.probabilities(windows, batcher, self.engine.component("vad"))
-        await self._handle(self.vad.endpoint(probabilities))
+        component = self.engine.component("vad")
+        await self._handle(self.vad.endpoint(await self.vad.probabilities(windows, batcher, component)))
+        while self.vad.held:  # windows after a turn check (once it is answered) or after an endpoint
+            if self.vad.rerun_due:  # the VAD's state was reset there: the rest of the frame from it
+                rerun = self.vad.rerun_windows()
+                await self._handle(self.vad.endpoint(await self.vad.probabilities(rerun, batcher, component)))
+            else:
+                await self._handle(self.vad.more())
         self.buffer.discard_before(self.vad.endpointer.earliest_needed_sample())
         self.decoding.request_partial()
 
     async def _handle(self, events: list[Event]) -> None:
         for event in events:
-            if isinstance(event, SpeechStart):
+            if isinstance(event, TurnCheck):
+                await self._handle(await self._check_turn(event))
+            elif isinstance(event, SpeechStart):
+                if self.turns is not None:
+                    self.turns.last = None
                 self.decoding.start(event.sample)
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
+            elif isinstance(event, SpeechLikely):
+                self.decoding.likely(event.sample, self.vad.speech_pending_or_open)
             elif isinstance(event, SpeechPause):
                 self.decoding.pause(event.sample)
             elif isinstance(event, SpeechResume):
                 self.decoding.resume()
             elif isinstance(event, SpeechEnd) and (closed := self.decoding.close()) is not None:
                 uid, start = closed
+                if self.config.turn_events and event.reason != "clear":
+                    await self.out.send(msg.turn_end(uid, event.sample / SAMPLE_RATE, event.reason,
+                                                     self.turns.last if self.turns is not None else None))
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
                 if event.reason == "clear":
                     self.decoding.discard(event.sample)
                     continue
-                utterance, ticket = self.decoding.finalize(uid, start, event.sample, cut=event.reason != "silence")
+                cut = event.reason not in ("silence", "turn")
+                utterance, ticket = self.decoding.finalize(uid, start, event.sample, cut=cut)
                 self._chain(self._deliver_final(utterance, ticket.future))
+
+    async def _check_turn(self, check: TurnCheck) -> list[Event]:
+        """Ask the turn detector about the pause ``check`` marks; the events its answer causes."""
+        start = self.vad.endpointer.utterance_start
+        if self.turns is None or start is None:
+            return []
+        probability = await self.turns.ask(self.buffer.slice(max(start, check.sample - self.turns.max_samples),
+                                                             check.sample))
+        return self.vad.decide(check, probability)
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:

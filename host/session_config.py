@@ -38,8 +38,19 @@ CORE_SCHEMA: dict[str, Any] = {
         "interim_results": {"type": "boolean", "default": True},
         "word_timestamps": {"type": "boolean", "default": False},
         "enable_vad": {"type": "boolean", "default": True},
+        "endpointing": {"type": "string", "enum": ["turn", "silence"], "default": "turn"},
+        "eagerness": {"type": "string", "enum": ["low", "medium", "high", "auto"], "default": "auto"},
+        "silence_ms": {"type": ["integer", "null"], "minimum": 100, "maximum": 10000, "default": None},
+        "turn_events": {"type": "boolean", "default": False},
     },
 }
+"""``endpointing``: ``turn`` asks the engine's turn detector at pauses (an engine without one uses
+``silence``, and ``session.begin`` says so); ``silence`` ends an utterance after a fixed silence
+(``silence_ms``, default the engine's). ``eagerness`` tunes ``turn``; ``turn_events`` sends
+``turn.end``. See docs/protocol.md."""
+
+CHANGEABLE = ("language", "endpointing", "eagerness", "silence_ms", "turn_events")
+"""Parameters a ``config`` message may change during a session."""
 
 T = TypeVar("T")
 
@@ -57,6 +68,10 @@ class SessionConfig:
     encoding: str
     sample_rate: int
     channels: int
+    endpointing: str = "silence"
+    eagerness: str = "auto"
+    silence_ms: int | None = None
+    turn_events: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     """Engine-specific parameters declared by its config_schema."""
 
@@ -118,8 +133,27 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
         encoding=audio["encoding"],
         sample_rate=audio["sample_rate"],
         channels=audio["channels"],
+        endpointing=effective_endpointing(session["endpointing"], engine),
+        eagerness=session["eagerness"],
+        silence_ms=session["silence_ms"],
+        turn_events=session["turn_events"],
         extra={k: v for k, v in session.items() if k not in core},
     )
+
+
+def effective_endpointing(asked: str, engine: EngineSpec) -> str:
+    """``asked``, or ``silence`` where the engine has no turn detector to ask."""
+    return asked if asked == "silence" or "turn" in engine.pipeline else "silence"
+
+
+def check_change(name: str, value: Any, engine: EngineSpec) -> Any:
+    """Validate ``name`` (one of :data:`CHANGEABLE`) given mid-session by a ``config`` message."""
+    if name == "language":
+        return check_language(value, engine)
+    found = problems({"type": "object", "properties": {name: CORE_SCHEMA["properties"][name]}}, {name: value})
+    if found:
+        raise ConfigError(name, found[0].message)
+    return effective_endpointing(value, engine) if name == "endpointing" else value
 
 
 def check_language(language: Any, engine: EngineSpec) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 
 from host.asr import ComponentFailure, brief
 from host.contracts import SAMPLE_RATE, VadModel, VadStream
-from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd
+from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd, TurnCheck, TurnPolicy
 
 DEFAULT_WINDOW = 512
 
@@ -29,19 +29,22 @@ class VadStage:
     with session sample positions. The probabilities themselves come from a :class:`VadBatcher`
     (or, without a model, from :class:`AlwaysSpeech`)."""
 
-    def __init__(self, model: VadModel | None, options: EndpointingOptions):
+    def __init__(self, model: VadModel | None, options: EndpointingOptions, turn: TurnPolicy | None = None):
         self.window = model.window_samples if model is not None else DEFAULT_WINDOW
         self.stream: VadStream = model.open_stream() if model is not None else AlwaysSpeech()
         self.needs_model = model is not None
-        self.endpointer = Endpointer(options, self.window)
+        self.endpointer = Endpointer(options, self.window, turn)
         self._model = model
         self._rest = np.zeros(0, dtype=np.float32)
+        self._unpushed = np.zeros(0, dtype=np.float64)  # probabilities held behind a TurnCheck or an endpoint
         self.windows = 0
         self.resets = 0
         warm_s = min(options.reset_warmup_s, options.endpoint_silence_s)
         self._resets = options.reset_state_at_endpoint and model is not None
         self._warm_windows = int(warm_s * SAMPLE_RATE) // self.window if self._resets else 0
         self._recent = np.zeros((0, self.window), dtype=np.float32)  # the last windows, for warm-up
+        self._frame = self._recent  # the windows of the frame being endpointed
+        self._before = self._recent  # the warm-up windows just before them
         self._reset_due = False
         self._skip = 0
 
@@ -56,15 +59,19 @@ class VadStage:
             samples = np.concatenate([self._rest, samples])
         n = samples.size // self.window
         self._rest = samples[n * self.window:]
-        windows = samples[: n * self.window].reshape(n, self.window)
+        windows = self._frame = samples[: n * self.window].reshape(n, self.window)
+        self._before = self._recent
         if self._reset_due:
-            self._reset_stream()
-            self._skip = len(self._recent)
-            if self._skip:
-                windows = np.concatenate([self._recent, windows])
+            windows = self._fresh(windows)
         if self._warm_windows and n:
-            self._recent = np.concatenate([self._recent, windows[self._skip:]])[-self._warm_windows:]
+            self._recent = np.concatenate([self._recent, self._frame])[-self._warm_windows:]
         return windows
+
+    def _fresh(self, windows: np.ndarray) -> np.ndarray:
+        """Reset the stream; ``windows`` preceded by the warm-up windows (skipped by :meth:`endpoint`)."""
+        self._reset_stream()
+        self._skip = len(self._before)
+        return np.concatenate([self._before, windows]) if self._skip else windows
 
     async def probabilities(self, windows: np.ndarray, batcher: VadBatcher | None, component: str) -> np.ndarray:
         """The speech probabilities of ``windows`` (from ``batcher``, or the stream itself without a model),
@@ -80,14 +87,61 @@ class VadStage:
         return checked_probabilities(probabilities, len(windows), component)
 
     def endpoint(self, probabilities: np.ndarray) -> list[Event]:
+        """Endpoint ``probabilities`` in order. Stops after a :class:`TurnCheck`: the caller answers it
+        with :meth:`decide`, then calls :meth:`more` for the events of the windows after it."""
         probabilities, self._skip = probabilities[self._skip:], 0
-        self.windows += len(probabilities)
+        self._unpushed = np.asarray(probabilities, dtype=np.float64)
+        return self.more()
+
+    def more(self) -> list[Event]:
+        """The events of the windows held behind the last :class:`TurnCheck` (none when none are).
+
+        Also stops after an endpoint that resets the VAD's state: the windows after it are then
+        computed again from a fresh state (:meth:`rerun_windows`), so where the reset falls never
+        depends on how the client cut its frames."""
         events: list[Event] = []
-        for p in probabilities:
-            events.extend(self.endpointer.push(p))
-        if self._resets and any(isinstance(e, SpeechEnd) and e.reason == "silence" for e in events):
-            self._reset_due = True
+        pushed = 0
+        for p in self._unpushed.tolist():
+            pushed += 1
+            new = self.endpointer.push(p)
+            events.extend(new)
+            self._note_reset(new)
+            if new and (isinstance(new[-1], TurnCheck) or self._reset_due):
+                break
+        self._unpushed = self._unpushed[pushed:]
+        self.windows += pushed
         return events
+
+    @property
+    def held(self) -> bool:
+        """Whether windows of the frame wait to be endpointed (see :meth:`more`, :meth:`rerun_windows`)."""
+        return len(self._unpushed) > 0
+
+    @property
+    def rerun_due(self) -> bool:
+        """Whether the held windows must be computed again, from a fresh state, before endpointing."""
+        return self._reset_due and self.held
+
+    def rerun_windows(self) -> np.ndarray:
+        """The frame's held windows for the VAD again, after a state reset (their probabilities go
+        to :meth:`endpoint`): an utterance ended inside the frame."""
+        done = len(self._frame) - len(self._unpushed)
+        if self._warm_windows:
+            self._before = np.concatenate([self._before, self._frame[:done]])[-self._warm_windows:]
+        self._frame = self._frame[done:]
+        self._unpushed = self._unpushed[:0]
+        return self._fresh(self._frame)
+
+    def decide(self, check: TurnCheck, probability: float | None) -> list[Event]:
+        """The turn detector's answer to ``check`` (:meth:`Endpointer.decide`); an end makes the held
+        windows due for a rerun."""
+        events = self.endpointer.decide(check, probability)
+        self._note_reset(events)
+        return events
+
+    def _note_reset(self, events: list[Event]) -> None:
+        if self._resets and any(isinstance(e, SpeechEnd) and e.reason in ("silence", "turn") for e in events):
+            self._reset_due = True
 
     def _reset_stream(self) -> None:
         # Silero's recurrent state drifts over a long stream (after one speaker or recording, the
@@ -104,13 +158,22 @@ class VadStage:
         """Windows, probabilities and endpointing in one call (for offline use and tests)."""
         windows = self.take_windows(samples)
         assert self.stream is not None, "feed() needs a VAD model"
-        return self.endpoint(self.stream.probabilities(windows)) if len(windows) else []
+        if not len(windows):
+            return []
+        events = self.endpoint(self.stream.probabilities(windows))
+        while self.held:  # no turn detector here: every check goes unanswered
+            events += self.endpoint(self.stream.probabilities(self.rerun_windows())) if self.rerun_due else self.more()
+        return events
 
     def flush(self) -> list[Event]:
         return self.endpointer.flush(upto=self.position + self._rest.size)
 
     def clear(self) -> list[Event]:
         return self.endpointer.clear()
+
+    def speech_pending_or_open(self) -> bool:
+        """Whether speech has begun and not ended (for a first partial decoded before it opens)."""
+        return self.endpointer.pending or self.endpointer.in_speech
 
     @property
     def position(self) -> int:

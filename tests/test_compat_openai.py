@@ -293,13 +293,15 @@ def started(d: OpenAIRealtimeDialect, query=None, headers=None) -> OpenAIRealtim
 
 def test_configure_maps_formats_models_and_language():
     d = OpenAIRealtimeDialect()
+    # OpenAI's default turn detection is server_vad with 500 ms of silence: the native silence timer.
+    silence = {"endpointing": "silence", "silence_ms": "500"}
     assert d.configure({"intent": "transcription", "model": "gpt-4o-mini-transcribe"}, {}) == {
-        "encoding": "pcm_s16le", "sample_rate": "24000", "channels": "1", "enable_vad": "true"}
+        "encoding": "pcm_s16le", "sample_rate": "24000", "channels": "1", "enable_vad": "true", **silence}
     assert d.transcription["model"] == "gpt-4o-mini-transcribe"
     native = OpenAIRealtimeDialect().configure({"model": "accurate", "input_audio_format": "audio/pcma",
                                                 "language": "en", "api_key": "k"}, {})
     assert native == {"encoding": "alaw", "sample_rate": "8000", "channels": "1", "enable_vad": "true",
-                      "model": "accurate", "language": "en", "api_key": "k"}
+                      "model": "accurate", "language": "en", "api_key": "k", **silence}
 
 
 def test_deltas_extend_sent_text_and_skip_revisions():

@@ -96,6 +96,35 @@ async def test_a_speculative_decode_of_exactly_the_final_audio_is_reused(schedul
     assert len(model.calls) == 3
 
 
+async def test_the_first_partial_is_decoded_before_the_utterance_opens_and_shown_after(scheduler):
+    """SpeechLikely (early_partial_s of speech) starts the first partial; SpeechStart at the same
+    sample adopts it, so it does not wait for min_speech_s; a blip's early decode is stale."""
+    model = ScriptedAsr(("scripted", "early"), text="ask")
+    sent: list[dict] = []
+    decoding = decoder_for(model, scheduler, sent, interim_results=True)
+    decoding.buffer.append(noise(0.4))
+    alive = [True]
+    decoding.likely(1600, lambda: alive[0])
+    decoding.buffer.append(noise(0.15))  # the utterance opens 0.15 s of audio later
+    uid = decoding.start(1600)
+    for _ in range(50):
+        if sent:
+            break
+        await asyncio.sleep(0.01)
+    (partial,) = sent
+    assert partial["type"] == "transcript.partial" and partial["utterance_id"] == uid
+    assert partial["end"] == 0.4  # decoded up to where the speech was only likely
+    assert [p for p, _ in model.calls] == [True]
+    decoding.close()
+    # A blip: likely, then gone before it opened. Its decode is skipped when its turn comes.
+    decoding.likely(16000, lambda: alive[0])
+    alive[0] = False
+    decoding.buffer.append(noise(0.5))
+    uid = decoding.start(12000)  # another start: the early job is withdrawn, not adopted
+    await asyncio.sleep(0.05)
+    assert len(model.calls) == 1 and decoding._early is None
+
+
 async def test_a_failed_final_names_the_component(scheduler):
     model = ScriptedAsr(("scripted", "fails"), fail="finals")
     decoding = decoder_for(model, scheduler)

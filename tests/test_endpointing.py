@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from host.client import read_wav
-from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechLikely, SpeechPause, SpeechResume, SpeechStart
 
 W = 512  # 32 ms windows
 SR = 16000
@@ -20,9 +20,23 @@ def run(probs, pauses=False, **opts):
     events = []
     for p in probs:
         events.extend(ep.push(p))
+    events = [e for e in events if not isinstance(e, SpeechLikely)]
     if not pauses:
         events = [e for e in events if not isinstance(e, (SpeechPause, SpeechResume))]
     return ep, events
+
+
+def test_speech_is_likely_before_it_is_an_utterance_and_blips_say_so_too():
+    """SpeechLikely comes after early_partial_s of speech, at the start SpeechStart will have."""
+    ep = Endpointer(EndpointingOptions(min_speech_s=0.25, early_partial_s=0.1, preroll_s=0.3), W)
+    events = [e for p in [0.0] * windows(1.0) + [0.9] * windows(1.0) for e in ep.push(p)]
+    assert [type(e) for e in events] == [SpeechLikely, SpeechStart]
+    assert events[0].sample == events[1].sample
+    blip = Endpointer(EndpointingOptions(min_speech_s=0.25, early_partial_s=0.1), W)
+    events = [e for p in [0.9] * windows(0.15) + [0.0] * windows(1.0) for e in blip.push(p)]
+    assert [type(e) for e in events] == [SpeechLikely] and not blip.pending and not blip.in_speech
+    off = Endpointer(EndpointingOptions(early_partial_s=0.0), W)
+    assert not any(isinstance(e, SpeechLikely) for p in [0.9] * windows(1.0) for e in off.push(p))
 
 
 def windows(seconds: float) -> int:

@@ -205,6 +205,9 @@ BAD_LANGUAGES = [5, None, [], {}, True, 1.5, ["en"], {"code": "en"}, "de", "EN",
 EXTRA_FIELDS = ["model", "interim_results", "word_timestamps", "enable_vad", "encoding", "sample_rate", "channels",
                 "x", "", "Language", "type2", "lang", "languages"]
 
+TURN_DEFAULTS = {"endpointing": "turn", "eagerness": "auto", "silence_ms": None, "turn_events": False}
+"""What session.begin echoes of the endpointing parameters when a query leaves them out."""
+
 
 def rand_text(r: random.Random, n: int) -> str:
     return "".join(r.choice(UNICODE) if r.random() < 0.3 else chr(r.randint(32, 126)) for _ in range(n))
@@ -362,7 +365,7 @@ def binary_case(r: random.Random, encoding: str, speech: list[bytes]) -> tuple[s
 def fuzz_query(r: random.Random) -> tuple[str, dict[str, Any]]:
     """A valid query string with noise (repeated params, odd spellings) and the config it means."""
     config = {"model": "fast", "language": "auto", "interim_results": True, "word_timestamps": False,
-              "enable_vad": True, "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}
+              "enable_vad": True, "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1, **TURN_DEFAULTS}
     params: list[tuple[str, str]] = []
     if r.random() < 0.5:
         enc = r.choice(list(BYTES_PER_SAMPLE))
@@ -503,7 +506,7 @@ def speech_plan(r: random.Random, index: int, speech: list[bytes], oracle: Oracl
     params = [f"encoding={encoding}"] if encoding != "pcm_s16le" or r.random() < 0.5 else []
     params.append(f"interim_results={str(interim).lower()}")
     config = {"model": "fast", "language": "auto", "interim_results": interim, "word_timestamps": False,
-              "enable_vad": True, "encoding": encoding, "sample_rate": 16000, "channels": 1}
+              "enable_vad": True, "encoding": encoding, "sample_rate": 16000, "channels": 1, **TURN_DEFAULTS}
     plan = Plan(index, "speech", "&".join(params), "end", config, speech=True)
     model = DecoderModel(encoding, 1)
     stream = speech_stream(r.choice(speech) + silence(0.6).pcm, encoding)

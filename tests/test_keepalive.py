@@ -46,6 +46,7 @@ async def worker(tmp_path: Path):
     raw["capabilities"]["models"] = ["fast"]
     raw["config_schema"]["properties"]["model"]["enum"] = ["fast"]
     raw["pipeline"]["asr"] = {"plugin": "gated", "options": {"models": {"fast": {}}}}
+    raw["pipeline"].pop("turn")  # the silence timer: these tests are about the connection, not the turn
     (tmp_path / "gated.yaml").write_text(yaml.safe_dump(raw))
     GATE.clear()
     w = Worker(Settings(host="127.0.0.1", port=0, engines_dir=tmp_path, ping_interval_s=PING_S, max_pending_finals=1,

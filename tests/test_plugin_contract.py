@@ -24,7 +24,7 @@ from host.schemas import with_defaults
 from .support import ENGINES, ROOT
 
 DEFAULT = yaml.safe_load((ENGINES / "whisper-streaming.yaml").read_text())
-ONLY_SHIPPED = {"ENGINE_HOST_PLUGINS": "vad_silero,asr_faster_whisper"}
+ONLY_SHIPPED = {"ENGINE_HOST_PLUGINS": "vad_silero,asr_faster_whisper,turn_smart"}
 
 
 def engine_dir(tmp_path: Path, **engines: dict) -> Path:
@@ -131,6 +131,7 @@ class EnergyTurn:
 def engine_using(engine_id: str, asr_plugin: str, turn: str | None = None) -> dict:
     data = copy_of_default(engine_id)
     data["pipeline"]["asr"] = {"plugin": asr_plugin, "options": {"models": {"fast": {}, "accurate": {}}}}
+    data["pipeline"].pop("turn")
     if turn is not None:
         data["pipeline"]["turn"] = {"plugin": turn}
     return data
@@ -166,7 +167,8 @@ def test_engines_json_names_the_plugin_of_each_stage():
     (engine,) = json.loads(out.stdout)
     assert engine["pipeline"] == {"vad": {"component": "silero", "plugin": "vad_silero"},
                                   "asr": {"component": "faster-whisper", "plugin": "asr_faster_whisper"},
-                                  "assembler": {"component": "default", "plugin": "host.assembler"}}
+                                  "assembler": {"component": "default", "plugin": "host.assembler"},
+                                  "turn": {"component": "smart-turn", "plugin": "turn_smart"}}
 
 
 class BrokenComponents:

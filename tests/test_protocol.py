@@ -87,6 +87,7 @@ async def test_session_begin_applies_defaults(idle_worker):
     assert begin["config"] == {
         "model": "fast", "language": "auto", "interim_results": True, "word_timestamps": False,
         "enable_vad": True, "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1,
+        "endpointing": "turn", "eagerness": "auto", "silence_ms": None, "turn_events": False,
     }
     assert end["type"] == "session.end" and end["segments"] == [] and end["transcript"] == ""
 

@@ -95,7 +95,7 @@ def register_asr(register):
 async def test_each_utterance_is_one_stream_fed_in_order_without_a_hole(batched_engines, speech_by_id):  # noqa: F811
     BUILT.clear()
     worker = Worker(Settings(host="127.0.0.1", port=0, engines_dir=batched_engines), load_plugins(
-        env={"ENGINE_HOST_PLUGINS": "vad_silero,asr_faster_whisper"}, extra=[sys.modules[__name__]]))
+        env={"ENGINE_HOST_PLUGINS": "vad_silero,asr_faster_whisper,turn_smart"}, extra=[sys.modules[__name__]]))
     await worker.start()
     try:
         first, second = speech_by_id["jfk"], speech_by_id["1688-142285-0002"]

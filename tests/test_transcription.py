@@ -83,10 +83,13 @@ async def test_session_time_counts_silence(idle_worker, speech_by_id):
     result = await stream(session_url(idle_worker.url, word_timestamps=True), audio, speed=None)
     check_order(result)
     finals = result.finals
-    assert len(finals) == 2, [f["text"] for f in finals]
-    first, second = finals
+    # The turn detector may end a clip's sentences one by one: group the finals by clip.
+    of_a = [f for f in finals if f["start"] < lead + a.seconds]
+    of_b = [f for f in finals if f["start"] >= lead + a.seconds]
+    assert of_a and of_b, [f["text"] for f in finals]
+    first, second = of_a[0], of_b[0]
     assert first["start"] >= lead - 0.35  # the VAD pre-roll is at most 0.3 s
-    assert second["start"] >= first["end"] + 3.0
+    assert second["start"] >= of_a[-1]["end"] + 3.0
     assert second["start"] >= lead + a.seconds + 3.0 - 0.35
     assert result.end["total_duration"] == pytest.approx(audio.seconds, abs=0.01)
 
@@ -110,11 +113,13 @@ async def test_accurate_variant(idle_worker, speech_by_id):
 
 async def test_finals_without_word_timestamps_skip_alignment(idle_worker, speech_by_id):
     """word_timestamps=false (the default) decodes finals without the word-alignment pass: the
-    same words as with it, no words sent, and the utterance's VAD span as the segment's times."""
+    same words as with it, no words sent, and the utterance's VAD span as the segment's times.
+    (The silence timer: the turn detector cuts jfk's "Ask not" alone, a fragment whose greedy decode
+    is not the same from run to run.)"""
     utt = speech_by_id["jfk"]
     audio = concat(silence(1.5), read_wav(utt.path), silence(1.0))
-    with_words = await stream(session_url(idle_worker.url, word_timestamps=True), audio, speed=None)
-    without = await stream(session_url(idle_worker.url, word_timestamps=False), audio, speed=None)
+    with_words = await stream(session_url(idle_worker.url, word_timestamps=True, endpointing="silence"), audio, speed=None)
+    without = await stream(session_url(idle_worker.url, word_timestamps=False, endpointing="silence"), audio, speed=None)
     check_order(without)
     assert len(without.finals) == len(with_words.finals)
     for final, reference in zip(without.finals, with_words.finals):

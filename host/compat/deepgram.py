@@ -17,8 +17,10 @@ Query parameters (at connect time):
 - ``interim_results`` (default false): ``Results`` with ``is_final: false`` from the partials.
 - ``punctuate``/``smart_format`` (default false): punctuated, cased ``transcript`` and
   ``punctuated_word``; without them the transcript is lower-case words, as Deepgram's.
-- ``endpointing``: ``false`` → ``speech_final`` is never true; a number of milliseconds is
-  accepted, not applied (the engine's endpointing applies).
+- ``endpointing``: a number of milliseconds → native ``endpointing=silence`` with that
+  ``silence_ms`` (held to 100-10000: the VAD's windows are 32 ms, and Deepgram's 10 ms default
+  would cut every breath); absent or ``true`` → native ``endpointing=turn`` (the engine's turn
+  detector); ``false`` → ``speech_final`` is never true.
 - ``utterance_end_ms``: an ``UtteranceEnd`` after each utterance's final.
 - ``vad_events``: ``SpeechStarted`` when an utterance opens.
 - ``engine``: an extension, the native engine id. ``multichannel=true`` is refused; other
@@ -104,6 +106,8 @@ class DeepgramDialect:
         self.utterance_end = bool(utterance_end)
         self._native = {"enable_vad": "true", "word_timestamps": "true",
                         "interim_results": "true" if interim else "false"}
+        if endpointing.isdigit():  # Deepgram's "this much silence ends an utterance"
+            self._native.update(endpointing="silence", silence_ms=str(min(10000, max(100, int(endpointing)))))
         model = query.get("model") or "nova-3"
         if not _DEEPGRAM_MODEL.search(model):
             self._native["model"] = model

@@ -15,9 +15,12 @@ Query parameters (at connect time):
 - ``language_code``: ISO 639-1 or 639-3 (``en``/``eng``); absent → detected (``auto``).
 - ``include_timestamps``: also send ``committed_transcript_with_timestamps`` (words and spacing).
 - ``engine``: an extension, the native engine id.
-- Validated and echoed in ``session_started`` but not applied (the engine's own endpointing
-  applies): ``vad_silence_threshold_secs`` (0.3–3), ``vad_threshold`` (0.1–0.9),
-  ``min_speech_duration_ms`` and ``min_silence_duration_ms`` (50–2000). Accepted and ignored:
+- VAD commits (``commit_strategy=vad``) end where the native endpointing ends an utterance: by the
+  engine's turn detector (native ``endpointing=turn``), or, when the client sets
+  ``vad_silence_threshold_secs`` (0.3–3), after exactly that much silence (``endpointing=silence``,
+  ``silence_ms``). Validated and echoed in ``session_started`` but not applied (the engine's own
+  endpointing options apply): ``vad_threshold`` (0.1–0.9), ``min_speech_duration_ms`` and
+  ``min_silence_duration_ms`` (50–2000). Accepted and ignored:
   ``enable_logging``, ``include_language_detection``, ``keyterms``, ``no_verbatim``, the entity
   and edit options, ``token`` (an API key here, checked by the server like ``xi-api-key``).
 
@@ -125,6 +128,10 @@ class ElevenLabsDialect:
                        "enable_logging": query_flag(query, "enable_logging", True)}
         for name, (low, high, default, kind) in NUMBER_OPTIONS.items():
             self.config[name] = _number(query, name, low, high, default, kind)
+        if not self.manual and "vad_silence_threshold_secs" in query:
+            # An explicit silence: the VAD commits after exactly that much, as ElevenLabs' does.
+            native["endpointing"] = "silence"
+            native["silence_ms"] = str(round(self.config["vad_silence_threshold_secs"] * 1000))
         return native
 
     # --- client → server ------------------------------------------------------------

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from host.compat import BadMessage, Native, audio_frames, decode_base64, parse_json_object
-from host.compat.openai_session import DEFAULT_VAD, FORMATS, MISSING, BadEvent, SessionConfig, new_id
+from host.compat.openai_session import DEFAULT_VAD, FORMATS, MISSING, BadEvent, SessionConfig, native_endpointing, new_id
 from host.hookspecs import hookimpl
 from host.protocol import CLIENT_ERRORS, ErrorCode
 
@@ -143,6 +143,8 @@ class OpenAIRealtimeDialect(SessionConfig):
                                update.transcription_param + ".language")
         if update.turn_detection is not MISSING:
             self._switch(None if update.turn_detection is None else {**DEFAULT_VAD, **update.turn_detection})
+            if self.turn_detection is not None:
+                natives.append({"type": "config", **native_endpointing(self.turn_detection)})
         if update.include is not MISSING:
             self.include = update.include
         if update.noise_reduction is not MISSING:

@@ -17,9 +17,13 @@ Query parameters (at connect time; all optional):
 validates one whole (an error applies none of it) and the dialect applies the result.
 
 - ``transcription.language`` → native ``{"type": "config", "language": ...}`` (null/"" → ``auto``).
-- Not applied (echoed back only): ``transcription.model``/``prompt``, the VAD tuning
-  (``threshold``, ``prefix_padding_ms``, ``silence_duration_ms``, ``eagerness`` …: the engine's
-  endpointing options apply), ``noise_reduction``, ``include`` (no logprobs), all conversation fields.
+- ``turn_detection`` → native endpointing (``config`` mid-session): ``semantic_vad`` with
+  ``eagerness`` → ``endpointing=turn`` with that eagerness (the engine's turn detector);
+  ``server_vad`` (OpenAI's default, so also at connect) → ``endpointing=silence`` with
+  ``silence_ms`` = ``silence_duration_ms`` (default 500, held to 100-10000).
+- Not applied (echoed back only): ``transcription.model``/``prompt``, the other VAD tuning
+  (``threshold``, ``prefix_padding_ms``: the engine's endpointing options apply),
+  ``noise_reduction``, ``include`` (no logprobs), all conversation fields.
 - A format other than the connection's gets an ``error`` (it cannot change mid-session).
 """
 
@@ -41,6 +45,7 @@ GA_NAMES = {v: k for k, v in GA_FORMATS.items()}
 _OPENAI_MODEL = re.compile(r"^(gpt-|whisper-|chatgpt-|o\d)|realtime|transcribe", re.I)
 _LANGUAGE = re.compile(r"^[a-z]{2,3}$")
 DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+EAGERNESS = ("low", "medium", "high", "auto")
 MISSING: Any = object()
 """A field the event does not have (unlike one set to null)."""
 
@@ -98,7 +103,8 @@ class SessionConfig:
             raise ConfigError("input_audio_format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
         self.format = fmt
         encoding, rate, _ = FORMATS[fmt]
-        native = {"encoding": encoding, "sample_rate": str(rate), "channels": "1", "enable_vad": "true"}
+        native = {"encoding": encoding, "sample_rate": str(rate), "channels": "1", "enable_vad": "true",
+                  **{k: str(v) for k, v in native_endpointing(DEFAULT_VAD).items()}}
         model = query.get("model")
         if model:
             if _OPENAI_MODEL.search(model):
@@ -201,7 +207,21 @@ def _turn_detection(session: dict, audio_in: dict) -> Any:
     if td.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
         raise BadEvent("invalid_value", f"Invalid value: {td.get('type')!r}. Supported values are: "
                        "'server_vad' and 'semantic_vad'.", td_param + ".type")
+    if td.get("eagerness", "auto") not in EAGERNESS:
+        raise BadEvent("invalid_value", f"Invalid value: {td.get('eagerness')!r}. Supported values are: "
+                       + ", ".join(repr(e) for e in EAGERNESS) + ".", td_param + ".eagerness")
+    silence = td.get("silence_duration_ms", 500)
+    if isinstance(silence, bool) or not isinstance(silence, (int, float)):
+        raise BadEvent("invalid_type", f"Invalid type for '{td_param}.silence_duration_ms': expected an integer.",
+                       td_param + ".silence_duration_ms")
     return td
+
+
+def native_endpointing(td: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI ``turn_detection`` object → the native endpointing parameters it selects."""
+    if td.get("type", "server_vad") == "semantic_vad":
+        return {"endpointing": "turn", "eagerness": td.get("eagerness") or "auto"}
+    return {"endpointing": "silence", "silence_ms": min(10000, max(100, round(td.get("silence_duration_ms", 500))))}
 
 
 def _object(value: Any, param: str) -> dict:
