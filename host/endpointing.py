@@ -227,6 +227,7 @@ class Endpointer:
         self.configure(options, turn)
         self._paused = False
         self._checked = 0  # checkpoints of the current pause the turn detector was asked at
+        self._unanswered = False  # the detector gave no answer in this pause: the silence timer ends it
         self._pause_no = 0  # counts pauses, so that an answer about a resumed pause is void
         self._pause_end = 0
         self.position = 0
@@ -306,7 +307,7 @@ class Endpointer:
             self._recent.append((pos, p))
             self._track(p, end)
             if self._silence_run == 0 and self._paused:
-                self._paused, self._checked = False, 0
+                self._paused, self._checked, self._unanswered = False, 0, False
                 self._pause_no += 1
                 events.append(SpeechResume(pos))
             if self._silence_run >= self._endpoint_silence():
@@ -327,10 +328,15 @@ class Endpointer:
         return events
 
     def decide(self, check: TurnCheck, probability: float | None) -> list[Event]:
-        """The turn detector's answer to ``check`` (None: it had none): a complete turn ends the utterance
-        at the pause. An answer about a pause that speech has since resumed is void."""
-        if (self.turn is None or self._state != _SPEECH or not self._paused or check.pause != self._pause_no
-                or probability is None or probability < self.turn.threshold):
+        """The turn detector's answer to ``check``: a complete turn ends the utterance at the pause. An
+        answer about a pause that speech has since resumed is void. None (no answer: the check was
+        shed under load, or the detector failed) leaves the pause to the silence timer."""
+        if self.turn is None or self._state != _SPEECH or not self._paused or check.pause != self._pause_no:
+            return []
+        if probability is None:
+            self._unanswered = True
+            return []
+        if probability < self.turn.threshold:
             return []
         return [self._close(check.end, "turn")]
 
@@ -372,13 +378,16 @@ class Endpointer:
         return events
 
     def _endpoint_silence(self) -> int:
-        """Samples of silence that end the open utterance: the turn policy's maximum, else
+        """Samples of silence that end the open utterance: the turn policy's maximum (the silence
+        timer's, if shorter, for a pause the detector did not answer), else
         :meth:`EndpointingOptions.endpoint_silence_for`. Speculation is pushed back by as much as
         this exceeds ``endpoint_silence_s``."""
-        if self.turn is not None:
-            return int(self.turn.max_silence_s * SAMPLE_RATE)
         speech_s = (self._last_speech_end - self._start) / SAMPLE_RATE
-        return int(self.options.endpoint_silence_for(speech_s) * SAMPLE_RATE)
+        silence = int(self.options.endpoint_silence_for(speech_s) * SAMPLE_RATE)
+        if self.turn is None:
+            return silence
+        longest = int(self.turn.max_silence_s * SAMPLE_RATE)
+        return min(silence, longest) if self._unanswered else longest
 
     def _track(self, p: float, end: int) -> None:
         if p >= self.options.threshold:
@@ -398,7 +407,7 @@ class Endpointer:
 
     def _open(self, start: int, events: list[Event]) -> None:
         self._state = _SPEECH
-        self._paused, self._checked = False, 0
+        self._paused, self._checked, self._unanswered = False, 0, False
         self._pause_no += 1
         self._start = start
         self._silence_run = 0

@@ -84,6 +84,8 @@ class _StateCollector:
                        turn.get("cpu_seconds", 0.0))
         yield _counter("engine_host_turn_checks", "End-of-turn checks the turn detector answered",
                        turn.get("checks", 0))
+        yield _counter("engine_host_turn_shed", "End-of-turn checks not asked because too many were waiting "
+                       "(the pause then ends by the silence timer)", turn.get("shed", 0))
         seconds = CounterMetricFamily("engine_host_inference_seconds",
                                       "Time inference threads spent running jobs, by model and kind",
                                       labels=["model", "kind"])

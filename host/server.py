@@ -78,6 +78,9 @@ class Worker(FrontDoor[Settings]):
             max_workers=settings.vad_threads or os.cpu_count() or 2, thread_name_prefix="vad"
         )
         self._vad_batchers: dict[int, VadBatcher] = {}
+        # One thread for turn checks (~55 ms of a core each here): under load they queue there, and
+        # are shed (host/turn.py), instead of holding up the VAD windows of every session.
+        self._turn_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn")
         self._turn_batchers: dict[int, TurnBatcher] = {}
         self.metrics = Metrics(self._metrics_state)
         self.sessions_dir = Path(settings.sessions_dir) if settings.sessions_dir else None
@@ -119,8 +122,8 @@ class Worker(FrontDoor[Settings]):
 
     def _turn_batcher(self, detector, component: str) -> TurnBatcher:
         batcher = self._turn_batchers.get(id(detector))
-        if batcher is None:  # on the VAD threads: a check is as short as a VAD batch, and as urgent
-            batcher = self._turn_batchers[id(detector)] = TurnBatcher(detector, self._vad_executor, component)
+        if batcher is None:
+            batcher = self._turn_batchers[id(detector)] = TurnBatcher(detector, self._turn_executor, component)
         return batcher
 
     # --- lifecycle ----------------------------------------------------------
@@ -187,6 +190,7 @@ class Worker(FrontDoor[Settings]):
             await self._server.wait_closed()
         self.scheduler.stop()
         self._vad_executor.shutdown(wait=False, cancel_futures=True)
+        self._turn_executor.shutdown(wait=False, cancel_futures=True)
         self._recording_io.shutdown(wait=True)  # every recording is complete on disk
         log.info("worker %s stopped", self.settings.worker_id)
 
@@ -241,7 +245,8 @@ class Worker(FrontDoor[Settings]):
             "vad": {"cpu_seconds": sum(b.cpu_seconds for b in self._vad_batchers.values()),
                     "windows": sum(b.windows for b in self._vad_batchers.values())},
             "turn": {"cpu_seconds": sum(b.cpu_seconds for b in self._turn_batchers.values()),
-                     "checks": sum(b.checks for b in self._turn_batchers.values())},
+                     "checks": sum(b.checks for b in self._turn_batchers.values()),
+                     "shed": sum(b.shed for b in self._turn_batchers.values())},
         }
 
     def worker_info(self) -> WorkerInfo:

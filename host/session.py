@@ -38,6 +38,7 @@ from host.keepalive import Keepalive
 from host.limits import TokenBucket
 from host.models import LoadedEngine
 from host.protocol import Close, ErrorCode
+from host.scheduler import FINAL
 from host.sender import Sender
 from host.services import SessionServices
 from host.session_config import SessionConfig
@@ -306,6 +307,11 @@ class Session(SessionControl):
         start = self.vad.endpointer.utterance_start
         if self.turns is None or start is None:
             return []
+        if self.decoding.queue.waiting(FINAL):
+            # The decoders are behind: a check would take CPU from the finals (at 40 streams on two
+            # cores it pushed every session into processing_lag). The silence timer ends this pause.
+            self.turns.skip()
+            return self.vad.decide(check, None)
         probability = await self.turns.ask(self.buffer.slice(max(start, check.sample - self.turns.max_samples),
                                                              check.sample))
         return self.vad.decide(check, probability)

@@ -35,23 +35,34 @@ def max_audio_samples(detector: TurnDetector) -> int:
 class TurnBatcher:
     """One detector's checks from every session, run together off the loop."""
 
-    def __init__(self, detector: TurnDetector, executor: Executor, component: str, max_batch: int = 16):
+    def __init__(self, detector: TurnDetector, executor: Executor, component: str, max_batch: int = 4,
+                 max_waiting: int = 4):
         self.detector = detector
         self.executor = executor
         self.component = component
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        """Checks that may wait for the detector; more are shed (answered None at once). A session's
+        windows wait for its check, and a CPU-bound model does not get faster in batches: a long
+        queue would only stall every session (at 40 streams it did, into processing_lag)."""
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
         self.checks = 0
         """Checks answered or failed."""
+        self.shed = 0
+        """Checks not asked: too many were waiting."""
         self.calls = 0
         """Calls into the detector (one per batch with ``probabilities``)."""
         self.cpu_seconds = 0.0
         """CPU time the detector spent (thread time of the calling threads)."""
 
-    async def probability(self, audio: np.ndarray) -> float:
-        """The detector's complete-probability for ``audio``; a detector that raises or answers
-        something other than a number in [0, 1] fails as a :class:`ComponentFailure`."""
+    async def probability(self, audio: np.ndarray) -> float | None:
+        """The detector's complete-probability for ``audio``, or None when the check is shed (too many
+        wait); a detector that raises or answers something other than a number in [0, 1] fails as a
+        :class:`ComponentFailure`."""
+        if len(self._pending) >= self.max_waiting:
+            self.shed += 1
+            return None
         future = asyncio.get_running_loop().create_future()
         self._pending.append((audio, future))
         if self._drainer is None or self._drainer.done():
@@ -112,9 +123,15 @@ class TurnTaking:
         """The last answer about the open utterance (None: not asked, or no answer)."""
         self._failed = False
 
+    def skip(self) -> None:
+        """A check not asked (counted as shed): the pause is left to the silence timer."""
+        self.batcher.shed += 1
+        self.last = None
+
     async def ask(self, audio: np.ndarray) -> float | None:
         """The complete-probability of the open turn ``audio`` (its last ``max_samples`` are sent), or
-        None when the detector failed: the silence fallback then ends the utterance (logged once)."""
+        None when the check was shed or the detector failed (logged once): the pause then ends by the
+        silence timer."""
         try:
             self.last = await self.batcher.probability(audio[-self.max_samples:])
         except ComponentFailure as exc:

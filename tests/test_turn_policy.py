@@ -90,8 +90,22 @@ def test_an_answer_about_a_resumed_pause_is_void():
 
 
 def test_no_answer_falls_back_to_the_silence_timer():
-    _, events = run(SPEECH + [0.0] * windows(2.0), lambda check: None)
-    assert next(e for e in events if isinstance(e, SpeechEnd)).reason == "silence"
+    """A pause the detector does not answer (shed, or it failed) ends by the silence timer, sooner than
+    the turn policy's maximum silence."""
+    def windows_until_end(answer, speech_s=3.0):
+        ep = Endpointer(OPTIONS, W, OPTIONS.turn_policy())
+        for n, p in enumerate([0.9] * windows(speech_s) + [0.0] * windows(2.0)):
+            for event in ep.push(p):
+                if isinstance(event, TurnCheck):
+                    assert ep.decide(event, answer) == []
+                if isinstance(event, SpeechEnd):
+                    assert event.reason == "silence"
+                    return n - windows(speech_s)
+        raise AssertionError("never ended")
+
+    unanswered, incomplete = windows_until_end(None), windows_until_end(0.1)
+    assert abs(unanswered - windows(OPTIONS.endpoint_silence_s)) <= 1  # 3 s of speech: not a short utterance
+    assert unanswered < incomplete
 
 
 @pytest.mark.parametrize("eagerness, p, ends_by", [("high", 0.35, "turn"), ("medium", 0.35, "silence"),
@@ -146,10 +160,19 @@ class _Detector:
 async def test_turn_batcher_answers_each_session_and_batches_concurrent_checks():
     detector = _Detector(lambda audio: float(audio[0]))
     with ThreadPoolExecutor(1) as pool:
-        batcher = TurnBatcher(detector, pool, "turn 'fake'")
+        batcher = TurnBatcher(detector, pool, "turn 'fake'", max_batch=16, max_waiting=16)
         got = await asyncio.gather(*(batcher.probability(np.full(160, k / 10, np.float32)) for k in range(5)))
     assert got == pytest.approx([k / 10 for k in range(5)])
     assert batcher.checks == 5 and max(detector.batches) > 1  # the later four waited for the first and went together
+
+
+async def test_turn_batcher_sheds_checks_beyond_its_queue():
+    """Under load a check is not queued behind many others: it gets no answer (the silence timer ends
+    that pause) instead of stalling its session."""
+    with ThreadPoolExecutor(1) as pool:
+        batcher = TurnBatcher(_Detector(lambda audio: 0.9), pool, "turn 'fake'", max_batch=2, max_waiting=3)
+        got = await asyncio.gather(*(batcher.probability(np.zeros(160, np.float32)) for _ in range(5)))
+    assert got == [0.9, 0.9, 0.9, None, None] and batcher.shed == 2 and batcher.checks == 3
 
 
 @pytest.mark.parametrize("bad, says", [(lambda a: float("nan"), "not a number in [0, 1]"),
