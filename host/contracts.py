@@ -321,7 +321,10 @@ class TurnDetector(Protocol):
     def probability(self, audio: np.ndarray) -> float:
         """Probability (0-1) that the turn is complete, given float32 16 kHz mono ``audio`` of the
         open turn up to now (the host passes at most the last ``max_audio_s`` seconds when the
-        detector has that attribute). Blocking; the host calls it off the event loop."""
+        detector has that attribute, 8 s when not). Blocking; the host calls it off the event loop.
+
+        Optional: ``probabilities(audios) -> list[float]``, the same for several sessions' turns at
+        once; the host's :class:`host.turn.TurnBatcher` then hands it every check that waits."""
         ...
 
 
