@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from host.endpointing import ENDPOINTING_KEYS, ENDPOINTING_SCHEMA
+from host.endpointing_options import ENDPOINTING_KEYS, ENDPOINTING_SCHEMA
 from host.plugins import PluginSet
 from host.schemas import Validator, json_path, problems, with_defaults
 
