@@ -51,30 +51,28 @@ def pauses(engine, audio: np.ndarray, offsets: list[int], step: float, longest: 
     found: list[dict] = []
     current: dict | None = None
     start = 0
+    answers: dict[TurnCheck, float] = {}
+
+    def answer(check: TurnCheck) -> float:
+        begin = vad.endpointer.utterance_start or 0
+        answers[check] = engine.turn.probability(audio[max(begin, check.sample - 8 * SR):check.sample])
+        return answers[check]
+
     for k in range(0, len(audio), 1600):
-        windows = vad.take_windows(audio[k:k + 1600])
-        if not len(windows):
-            continue
-        events = vad.endpoint(vad.stream.probabilities(windows))
-        while True:
-            for event in events:
-                if isinstance(event, SpeechStart):
-                    start = event.sample
-                elif isinstance(event, TurnCheck):
-                    if current is None:
-                        text = transcribe(engine, audio[start:event.end])
-                        current = {"at": event.end, "answers": [], "text": text}
-                        found.append(current)
-                    clip_audio = audio[max(start, event.sample - 8 * SR):event.sample]
-                    current["answers"].append(engine.turn.probability(clip_audio))
-                elif isinstance(event, (SpeechResume, SpeechEnd)):
-                    if current is not None:
-                        where = np.searchsorted(offsets, [current["at"], event.sample], side="right")
-                        current["end"] = bool(isinstance(event, SpeechEnd) or where[0] != where[1])
-                    current = None
-            if not vad.held:
-                break
-            events = vad.more()
+        for event in vad.feed(audio[k:k + 1600], answer):
+            if isinstance(event, SpeechStart):
+                start = event.sample
+            elif isinstance(event, TurnCheck):
+                if current is None:
+                    text = transcribe(engine, audio[start:event.end])
+                    current = {"at": event.end, "answers": [], "text": text}
+                    found.append(current)
+                current["answers"].append(answers[event])
+            elif isinstance(event, (SpeechResume, SpeechEnd)):
+                if current is not None:
+                    where = np.searchsorted(offsets, [current["at"], event.sample], side="right")
+                    current["end"] = bool(isinstance(event, SpeechEnd) or where[0] != where[1])
+                current = None
     for pause in found:
         pause.setdefault("end", True)
     return [dict(p, checkpoints=checkpoints) for p in found]

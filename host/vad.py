@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -154,16 +155,23 @@ class VadStage:
         elif self._model is not None:
             self.stream = self._model.open_stream()
 
-    def feed(self, samples: np.ndarray) -> list[Event]:
-        """Windows, probabilities and endpointing in one call (for offline use and tests)."""
+    def feed(self, samples: np.ndarray, answer: Callable[[TurnCheck], float | None] | None = None) -> list[Event]:
+        """Windows, probabilities and endpointing in one call (for offline use and tests), the same
+        steps a session takes: each :class:`TurnCheck` is answered with ``answer(check)`` before the
+        windows after it (unanswered without ``answer``), and a reset inside the frame reruns the rest."""
         windows = self.take_windows(samples)
         assert self.stream is not None, "feed() needs a VAD model"
         if not len(windows):
             return []
+        out: list[Event] = []
         events = self.endpoint(self.stream.probabilities(windows))
-        while self.held:  # no turn detector here: every check goes unanswered
-            events += self.endpoint(self.stream.probabilities(self.rerun_windows())) if self.rerun_due else self.more()
-        return events
+        while True:
+            out += events
+            if answer is not None and events and isinstance(events[-1], TurnCheck):
+                out += self.decide(events[-1], answer(events[-1]))
+            if not self.held:
+                return out
+            events = self.endpoint(self.stream.probabilities(self.rerun_windows())) if self.rerun_due else self.more()
 
     def flush(self) -> list[Event]:
         return self.endpointer.flush(upto=self.position + self._rest.size)

@@ -244,3 +244,29 @@ def test_the_speculative_decode_starts_at_the_post_roll_before_a_later_checkpoin
 def test_eagerness_scales_the_checkpoints():
     checkpoints = {e: OPTIONS.turn_policy(e).checkpoints_s for e in ("high", "medium", "low")}
     assert checkpoints["high"][0] < checkpoints["medium"][0] < checkpoints["low"][0]
+
+
+def test_feed_answers_each_check_before_the_windows_after_it():
+    """VadStage.feed takes the session's steps: a TurnCheck answered complete ends the utterance at
+    once, inside the frame, and the frame's later windows are endpointed after that end."""
+    from host.vad import VadStage
+
+    class Loud:  # speech where the audio is loud
+        window_samples = W
+
+        def open_stream(self):
+            return self
+
+        def probabilities(self, windows):
+            return (np.abs(windows).max(axis=1) > 0.1).astype(np.float32)
+
+        def reset(self):
+            pass
+
+    audio = np.concatenate([np.full(SR, 0.5, np.float32), np.zeros(2 * SR, np.float32)])
+    vad = VadStage(Loud(), OPTIONS, OPTIONS.turn_policy())
+    asked: list[TurnCheck] = []
+    events = vad.feed(audio, lambda check: asked.append(check) or 0.9)  # one frame, 3 s
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert len(asked) == 1 and [e.reason for e in ends] == ["turn"] and ends[0].sample == asked[0].end
+    assert events.index(ends[0]) == events.index(asked[0]) + 1 and vad.resets == 1
