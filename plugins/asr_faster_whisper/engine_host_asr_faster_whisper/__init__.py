@@ -13,9 +13,11 @@ Per-session options it reads (when the engine's ``config_schema`` declares them)
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,16 +54,30 @@ def _bucketed_model_class():
                 bucket = self.bucket_frames
                 target = max(bucket, -(-(content + self.margin_frames) // bucket) * bucket)
                 features = features[..., : min(target, features.shape[-1])]
-            return super().encode(features)
+            # Language detection encodes the window that transcribe() then encodes again (faster-whisper
+            # does not pass it on): the thread's last encoding is kept and reused for the same features,
+            # so a detected utterance costs one encoder pass, not two.
+            key = hashlib.blake2b(np.ascontiguousarray(features).tobytes(), digest_size=16).digest()
+            last = getattr(_encoded, "last", None)
+            if last is not None and last[0] is self and last[1] == key:
+                return last[2]
+            output = super().encode(features)
+            _encoded.last = (self, key, output)
+            return output
 
     return BucketedWhisperModel
+
+
+_encoded = threading.local()
+"""Per inference thread: (model, features digest, encoder output) of its last encoding."""
 
 VARIANT_SCHEMA = {
     "type": "object",
     "required": ["path"],
     "properties": {
         "path": {"type": "string", "minLength": 1,
-                 "description": "CTranslate2 model directory, or package:<module>/<subdir>."},
+                 "description": "CTranslate2 model directory, package:<module>/<subdir>, or model:<name> "
+                                "(engine-host models install)."},
         "device": {"enum": ["auto", "cpu", "cuda"], "default": "auto"},
         "device_index": {"type": "integer", "minimum": 0, "default": 0},
         "compute_type": {"type": "string", "default": "default",
@@ -103,8 +119,13 @@ OPTIONS_SCHEMA = {
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A model directory from a path or ``package:<module>/<subdir>``; never downloads."""
-    if spec.startswith("package:"):
+    """A model directory from a path, ``package:<module>/<subdir>`` or ``model:<name>`` (installed by
+    ``engine-host models install``); never downloads."""
+    from host import model_files
+
+    if spec.startswith(model_files.PREFIX):
+        path = model_files.resolve(spec)  # ModelFileError naming `engine-host models install <name>`
+    elif spec.startswith("package:"):
         module, _, sub = spec[len("package:"):].partition("/")
         found = importlib.util.find_spec(module)
         if found is None or not found.submodule_search_locations:
@@ -143,6 +164,8 @@ class WhisperVariant:
     temperature: list[float]
     no_speech_threshold: float | None
     initial_prompt: str | None
+    label: str = ""
+    """The model's name for people: its directory, or the model:<name> it was installed as."""
 
     @property
     def languages(self) -> list[str]:
@@ -152,6 +175,26 @@ class WhisperVariant:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
         return sorted(_LANGUAGE_CODES)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/engines`` shows of this variant."""
+        return {"model": self.label, "multilingual": bool(self.model.model.is_multilingual),
+                "beam_size": self.beam_size}
+
+    def detect_language(self, audio: np.ndarray) -> dict[str, float]:
+        """The probability of each language Whisper knows, from the first 30 s of ``audio``.
+
+        The window is the one transcribe() encodes first, so the encoding is reused (see encode)."""
+        if not self.model.model.is_multilingual:
+            return {"en": 1.0}
+        from faster_whisper.audio import pad_or_trim
+
+        extractor = self.model.feature_extractor
+        features = extractor(audio)
+        content = features.shape[-1] - 1  # as faster-whisper's generate_segments counts it
+        encoded = self.model.encode(pad_or_trim(features[:, : min(extractor.nb_max_frames, content)]))
+        results = self.model.model.detect_language(encoded)[0]
+        return {token[2:-2]: float(p) for token, p in results}
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, word_timestamps: bool, partial: bool = False,
@@ -252,6 +295,7 @@ def build(options: dict, context) -> FasterWhisperEngine:
             temperature=list(opts["temperature"]),
             no_speech_threshold=opts["no_speech_threshold"],
             initial_prompt=opts["initial_prompt"],
+            label=opts["path"],
         )
     return FasterWhisperEngine(variants, devices)
 
