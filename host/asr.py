@@ -13,11 +13,12 @@ from __future__ import annotations
 import inspect
 import math
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
+from host import languages
 from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, AsrStream, SessionOptions, TranscribeRequest, Word
 
 DEFAULT_MAX_BATCH = 8
@@ -68,6 +69,35 @@ def transcribe(model: AsrModel, request: TranscribeRequest) -> AsrResult:
                             partial=request.partial, **extra)
 
 
+def detects(model: AsrModel) -> bool:
+    """Whether the model reports language probabilities (``detect_language``)."""
+    return callable(getattr(model, "detect_language", None))
+
+
+def decide_language(model: AsrModel, request: TranscribeRequest) -> tuple[TranscribeRequest, languages.Decision | None]:
+    """``request`` with its language decided by the host, when the model can say what it hears.
+
+    A request that names its language, or a model without ``detect_language``, is left as it is."""
+    if request.language is not None or not detects(model):
+        return request, None
+    probabilities = model.detect_language(request.audio)  # type: ignore[attr-defined]
+    if not isinstance(probabilities, Mapping):
+        raise TypeError(f"detect_language returned {type(probabilities).__name__}, not a mapping of probabilities")
+    decision = languages.decide(probabilities, request.languages, request.options.previous_language,
+                                len(request.audio) / SAMPLE_RATE)
+    if decision is None:  # none of the candidates is known to the model: let it decide
+        return request, None
+    return replace(request, language=decision.language), decision
+
+
+def with_decision(result: AsrResult, decision: languages.Decision | None) -> AsrResult:
+    """``result`` carrying the host's language decision."""
+    if decision is not None:
+        result.language = decision.language
+        result.language_probability = round(decision.probability, 4)
+    return result
+
+
 def batch_size(model: AsrModel) -> int:
     """How many requests one call may carry: 1 without ``transcribe_many``, else its ``max_batch``."""
     if not callable(getattr(model, "transcribe_many", None)):
@@ -94,6 +124,9 @@ def check_result(result: Any, audio_seconds: float) -> AsrResult:
             raise ValueError(f"word {w.word!r} has times {w.start}-{w.end} outside the {audio_seconds:.2f} s of audio")
     if not (isinstance(result.confidence, (int, float)) and math.isfinite(result.confidence)):
         raise ValueError(f"AsrResult.confidence {result.confidence!r} is not a number")
+    p = result.language_probability
+    if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1):
+        raise ValueError(f"AsrResult.language_probability {p!r} is not a probability")
     return result
 
 
@@ -108,11 +141,15 @@ class AsrCall:
 
     def __call__(self) -> AsrResult:
         try:
-            result = transcribe(self.model, self.request)
+            request, decision = decide_language(self.model, self.request)
+        except Exception as exc:
+            raise ComponentFailure(self.component, f"detect_language raised {brief(exc)}") from exc
+        try:
+            result = transcribe(self.model, request)
         except Exception as exc:
             raise ComponentFailure(self.component, f"transcribe raised {brief(exc)}") from exc
         try:
-            return check_result(result, len(self.request.audio) / SAMPLE_RATE)
+            return with_decision(check_result(result, len(request.audio) / SAMPLE_RATE), decision)
         except ValueError as exc:
             raise ComponentFailure(self.component, f"transcribe broke its contract: {exc}") from None
 
@@ -127,22 +164,30 @@ def transcribe_many(calls: Sequence[AsrCall]) -> list[AsrResult | ComponentFailu
     first = calls[0]
     component = first.component
     try:
-        results = first.model.transcribe_many([call.request for call in calls])  # type: ignore[attr-defined]
+        decided = [decide_language(call.model, call.request) for call in calls]
     except Exception as exc:  # noqa: BLE001 - delivered to each session waiting on the batch
-        failures = [ComponentFailure(component, f"transcribe_many raised {brief(exc)}") for _ in calls]
-        for failure in failures:
-            failure.__cause__ = exc
-        return list(failures)  # a list of the wider type the signature promises
+        return _failed_batch(calls, component, f"detect_language raised {brief(exc)}", exc)
+    try:
+        results = first.model.transcribe_many([request for request, _ in decided])  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - delivered to each session waiting on the batch
+        return _failed_batch(calls, component, f"transcribe_many raised {brief(exc)}", exc)
     if not isinstance(results, list) or len(results) != len(calls):
         n = len(results) if isinstance(results, list) else type(results).__name__
         return [ComponentFailure(component, f"transcribe_many returned {n} results for {len(calls)} requests") for _ in calls]
     out: list[AsrResult | ComponentFailure] = []
-    for call, result in zip(calls, results):
+    for call, result, (_, decision) in zip(calls, results, decided):
         try:
-            out.append(check_result(result, len(call.request.audio) / SAMPLE_RATE))
+            out.append(with_decision(check_result(result, len(call.request.audio) / SAMPLE_RATE), decision))
         except ValueError as exc:
             out.append(ComponentFailure(component, f"transcribe_many broke its contract: {exc}"))
     return out
+
+
+def _failed_batch(calls: Sequence[AsrCall], component: str, what: str, cause: Exception) -> list[AsrResult | ComponentFailure]:
+    failures = [ComponentFailure(component, what) for _ in calls]
+    for failure in failures:
+        failure.__cause__ = cause
+    return list(failures)  # a list of the wider type the signature promises
 
 
 def streams(model: AsrModel) -> bool:
@@ -266,13 +311,13 @@ def model_languages(model: AsrModel) -> frozenset[str] | None:
 def unsupported_languages(engine_languages: Sequence[str], model: AsrModel) -> list[str]:
     """The engine's declared languages the model does not declare (empty when it serves them all)."""
     served = model_languages(model)
-    if served is None or served & ANY:
-        return []
-    if set(engine_languages) & ANY:
-        return sorted(ANY & set(engine_languages))
+    if served is None or served & ANY or set(engine_languages) & ANY:
+        return []  # "*" in the engine: it serves whatever its models declare
     return [lang for lang in engine_languages if lang not in served]
 
 
-def session_options(config: dict[str, Any], previous_text: str = "", session_id: str = "") -> SessionOptions:
+def session_options(config: dict[str, Any], previous_text: str = "", session_id: str = "",
+                    previous_language: str | None = None) -> SessionOptions:
     """The :class:`SessionOptions` a session hands its stages."""
-    return SessionOptions(config=dict(config), previous_text=previous_text, session_id=session_id)
+    return SessionOptions(config=dict(config), previous_text=previous_text, session_id=session_id,
+                          previous_language=previous_language)

@@ -84,6 +84,7 @@ class SessionTranscript:
             text=text,
             confidence=round(float(confidence), 4),
             language=result.language,
+            language_probability=result.language_probability,
             words=[Word(w.word.strip(), w.start, w.end, w.probability) for w in words],
         )
         self._segments.append(segment)

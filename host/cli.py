@@ -248,6 +248,12 @@ def cmd_engines(args) -> int:
             stages = ", ".join(f"{k}={v.plugin}" for k, v in e.pipeline.items())
             print(f"{e.id}  {e.name} v{e.version}  ({e.file})")
             print(f"  models: {', '.join(e.models)}; languages: {', '.join(e.languages)}; {stages}")
+            for name, v in e.variants().items():
+                cost = f"; relative cost {v['relative_cost']:g}" if "relative_cost" in v else ""
+                print(f"  {name}: {v.get('description') or '(no description)'}{cost}")
+        if any(set(e.capabilities["languages"]) & {"*", "all", "auto"} for e in engines):
+            print("(languages '*': those the variants' models declare, known once loaded: "
+                  "engine-host validate --load, or GET /engines on a worker)")
     for err in errors:
         print(f"ERROR {err}", file=sys.stderr)
     return 1 if errors else 0

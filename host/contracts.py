@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from host import languages
+
 SAMPLE_RATE = 16000
 """Every stage after the audio receiver sees float32 mono audio at this rate."""
 
@@ -38,6 +40,8 @@ class AsrResult:
     language: str | None = None
     confidence: float = 0.0
     """Mean word probability, 0-1."""
+    language_probability: float | None = None
+    """How sure the language decision was, 0-1 (None: the language was given, not detected)."""
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Segment:
     language: str | None
     words: list[Word]
     """Word times are session time."""
+    language_probability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class SessionOptions:
     previous_text: str = ""
     """The text of the session's previous final (empty for the first), for models that take context."""
     session_id: str = ""
+    previous_language: str | None = None
+    """The language of the session's previous final (None before the first), for language decisions."""
 
     def get(self, name: str, default: Any = None) -> Any:
         """One parameter of the session's configuration."""
@@ -93,9 +100,12 @@ class TranscribeRequest:
     audio: np.ndarray
     """float32 16 kHz mono."""
     language: str | None
+    """The language to transcribe in; None: decide it (see ``languages``)."""
     word_timestamps: bool
     partial: bool = False
     options: SessionOptions = field(default_factory=SessionOptions)
+    languages: tuple[str, ...] = ()
+    """With ``language`` None: the candidates to choose among (empty: any the model knows)."""
 
 
 @dataclass
@@ -203,14 +213,22 @@ class WorkerRecord:
             # Without ``engine`` the worker picks its first engine, so only that one counts.
             first = next(iter(catalog))
             catalog = {first: catalog[first]}
+        try:
+            codes = languages.parse(language) if language else ()
+        except ValueError:
+            codes = ()  # malformed: the worker answers invalid_config for it
         for description in catalog.values():
             caps = description.get("capabilities", {})
-            if model is not None and model not in caps.get("models", []):
+            models = caps.get("models", [])
+            if model is not None and model not in models:
                 continue
-            langs = set(caps.get("languages", []))
-            # {"all", "*", "auto"} is engines.ANY_LANGUAGE: the engine takes any language.
-            if language in (None, "", "auto") or language in langs or langs & {"all", "*", "auto"}:
-                return True
+            # Without ``model`` the worker picks a variant that serves the languages asked for.
+            variants = caps.get("variants") or {}
+            for name in [model] if model is not None else models or [""]:
+                langs = set((variants.get(name) or {}).get("languages") or caps.get("languages", []))
+                # {"all", "*", "auto"} is engines.ANY_LANGUAGE: the engine takes any language.
+                if langs & {"all", "*", "auto"} or all(code in langs for code in codes):
+                    return True
         return False
 
 
@@ -249,12 +267,20 @@ class AsrModel(Protocol):
     Optional, checked and used by the host when present (see docs/plugins.md):
 
     - ``languages: Sequence[str]``: the languages the model can transcribe (ISO codes, or
-      ``["*"]`` for any). An engine.yaml whose ``capabilities.languages`` names another does not load.
+      ``["*"]`` for any). A variant serves the engine's ``capabilities.languages`` its model declares
+      (all it declares where the engine names ``*``); an engine.yaml naming a language that no
+      variant's model declares does not load, and a session asking a variant for a language it
+      does not serve gets ``invalid_config``.
     - ``transcribe`` may take an ``options`` keyword: it then receives the session's
       :class:`SessionOptions` (per-session parameters such as a prompt).
     - ``transcribe_many(requests: list[TranscribeRequest]) -> list[AsrResult]`` (with an optional
       ``max_batch: int``, default 8): the scheduler then decodes several waiting utterances, of
       several sessions, in one call.
+    - ``detect_language(audio) -> Mapping[str, float]``: the probability of each language the model
+      knows for float32 16 kHz mono ``audio``. The host then decides the language of each utterance
+      itself (restricted to the session's candidates, with :mod:`host.languages`' switching rule) and
+      calls ``transcribe`` with it; without it, ``language=None`` leaves the decision to the model.
+    - ``describe() -> dict``: what the variant is, for ``/engines`` (e.g. ``{"model": "whisper base"}``).
     - ``open_stream(*, language, word_timestamps, options) -> AsrStream``: a streaming recognizer.
       The host then feeds each utterance's audio as it arrives instead of decoding it whole, and
       asks the stream for the final when the utterance ends (see :class:`AsrStream`).

@@ -88,7 +88,8 @@ class SessionControl(SessionLimits):
         try:
             if unknown:
                 raise ConfigError(ascii(unknown[0]), f"cannot be changed during a session (only {', '.join(CHANGEABLE)} can)")
-            changes = {name: check_change(name, message[name], self.engine.spec) for name in CHANGEABLE if name in message}
+            changes = {name: check_change(name, message[name], self.engine.spec, self.config.model)
+                       for name in CHANGEABLE if name in message}
         except ConfigError as exc:
             await self._report(ErrorCode.INVALID_CONFIG, str(exc), recoverable=True, param=exc.param)
             return

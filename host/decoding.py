@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+from host import languages
 from host import protocol as msg
 from host.asr import AsrCall, ComponentFailure, StreamCall, StreamState, brief, session_options, streams
 from host.audio import AudioBuffer
@@ -61,6 +62,8 @@ class UtteranceDecoder:
         self.language: str = self.config.get("language") or "auto"
         self.previous_text = ""
         """The text of the session's most recent delivered final, for the model's options."""
+        self.previous_language: str | None = None
+        """The language of that final: an utterance keeps it unless another wins clearly (host.languages)."""
         self.word_timestamps = bool(self.config.get("word_timestamps"))
         self.interim_results = bool(self.config.get("interim_results"))
         self.recorded = recorded
@@ -97,10 +100,14 @@ class UtteranceDecoder:
 
     def call(self, start: int, end: int, *, words: bool = False, partial: bool = False) -> AsrCall:
         """The job that transcribes buffer samples ``start:end`` with the session's options."""
-        options = session_options(self.config, previous_text=self.previous_text, session_id=self.session_id)
-        language = None if self.language == "auto" else self.language
-        request = TranscribeRequest(self.buffer.slice(start, end), language, words, partial, options)
+        request = TranscribeRequest(self.buffer.slice(start, end), languages.forced(self.language), words, partial,
+                                    self.options(), languages.candidates(self.language))
         return AsrCall(self.model, request, component=self.component)
+
+    def options(self):
+        """The session's options as its next job sees them."""
+        return session_options(self.config, previous_text=self.previous_text, session_id=self.session_id,
+                               previous_language=self.previous_language)
 
     def _submit(self, call: AsrCall | StreamCall, kind: int, stale: Callable[[], bool] | None = None) -> Ticket:
         return self.queue.submit(call, kind, stale=stale, owner=self.session_id, bulk=self.bulk())
@@ -132,10 +139,8 @@ class UtteranceDecoder:
         elif early is not None:
             early[2].cancel()
         if self.streaming:
-            language = None if self.language == "auto" else self.language
-            options = session_options(self.config, previous_text=self.previous_text, session_id=self.session_id)
-            self._stream = StreamState(self.model, self.component, language=language,
-                                       word_timestamps=self.wants_words(sample), options=options)
+            self._stream = StreamState(self.model, self.component, language=languages.forced(self.language),
+                                       word_timestamps=self.wants_words(sample), options=self.options())
             self._fed = sample
         return uid
 

@@ -59,6 +59,18 @@ ENGINE_SCHEMA = {
                 "streaming": {"type": "boolean"},
                 "word_timestamps": {"type": "boolean"},
                 "max_sessions": {"type": "integer", "minimum": 1},
+                "variants": {
+                    "type": "object",
+                    "description": "per model variant, what users choosing one should know",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "description": {"type": "string"},
+                            "relative_cost": {"type": "number", "exclusiveMinimum": 0,
+                                              "description": "compute per second of audio, against the cheapest variant"},
+                        },
+                    },
+                },
             },
         },
         "config_schema": {"type": "object"},
@@ -99,6 +111,10 @@ class EngineSpec:
     config_schema: dict[str, Any]
     pipeline: dict[str, Stage]
     raw: dict[str, Any] = field(repr=False)
+    served: dict[str, list[str]] = field(default_factory=dict)
+    """Per model variant, the languages it serves: the engine's ``capabilities.languages`` that its
+    loaded model declares (all the model declares where the engine names ``*``). Filled when the
+    engine is loaded; before that (``engine-host validate``) every variant serves the engine's list."""
 
     @property
     def models(self) -> list[str]:
@@ -106,11 +122,29 @@ class EngineSpec:
 
     @property
     def languages(self) -> list[str]:
+        """What the engine serves, over all its variants."""
+        if self.served and set(self.capabilities["languages"]) & ANY_LANGUAGE:
+            return sorted({code for codes in self.served.values() for code in codes})
         return list(self.capabilities["languages"])
 
-    def accepts_language(self, language: str) -> bool:
-        langs = set(self.languages)
-        return language == "auto" or bool(langs & ANY_LANGUAGE) or language in langs
+    def languages_of(self, model: str | None) -> list[str]:
+        """The languages variant ``model`` serves (the engine's, when unknown)."""
+        if model is not None and model in self.served:
+            return list(self.served[model])
+        return self.languages
+
+    def unserved_languages(self, codes: tuple[str, ...], model: str | None = None) -> list[str]:
+        """Those of ``codes`` that variant ``model`` (or the engine) does not serve."""
+        langs = set(self.languages_of(model))
+        if langs & ANY_LANGUAGE:
+            return []
+        return [code for code in codes if code not in langs]
+
+    def variants(self) -> dict[str, dict[str, Any]]:
+        """Per variant, what ``/engines`` says of it: the engine.yaml's ``capabilities.variants``
+        entry (description, relative cost) and the languages it serves."""
+        described = self.capabilities.get("variants") or {}
+        return {name: {**described.get(name, {}), "languages": self.languages_of(name)} for name in self.models}
 
     def describe(self) -> dict[str, Any]:
         """The public description served by ``GET /engines``."""
@@ -119,7 +153,7 @@ class EngineSpec:
             "name": self.name,
             "version": self.version,
             "description": self.description,
-            "capabilities": self.capabilities,
+            "capabilities": {**self.capabilities, "languages": self.languages, "variants": self.variants()},
             "config_schema": self.config_schema,
             "endpointing": self.pipeline["vad"].endpointing,
             "pipeline": {name: {"component": st.plugin, "plugin": st.provider} for name, st in self.pipeline.items()},

@@ -59,10 +59,24 @@ class LoadedEngine:
     def describe(self) -> dict[str, Any]:
         """The ``/engines`` entry: the engine.yaml description, with what its ASR reports it uses."""
         out = self.spec.describe()
+        for name, entry in out["capabilities"]["variants"].items():
+            entry.update({k: v for k, v in self._variant_description(name).items() if k not in entry})
         memory = self.memory()
         if memory is not None:
             out["memory"] = memory
         return out
+
+    def _variant_description(self, name: str) -> dict[str, Any]:
+        """What variant ``name``'s model says of itself (its optional ``describe()``), or nothing."""
+        describe = getattr(self.asr.variants.get(name), "describe", None)
+        if not callable(describe):
+            return {}
+        try:
+            value = describe()
+        except Exception as exc:  # noqa: BLE001 - a broken description must not break /engines
+            log.warning("%s: describe() of variant %r raised %s", self.component("asr"), name, exc)
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def memory(self) -> dict[str, Any] | None:
         """What the ASR engine reports it uses (its optional ``memory()``), or None."""
@@ -242,13 +256,38 @@ def check_contracts(spec: EngineSpec, built: dict[str, Any]) -> list[tuple[str, 
     missing = [v for v in spec.models if v not in variants]
     if missing:
         problems.append(("asr", f"did not provide variants {missing}"))
+    unserved: dict[str, list[str]] = {}  # per variant, the engine's languages its model lacks
     for name in spec.models:
         if name in variants:
-            problems += [("asr", f"variant {name!r}: {p}") for p in _asr_model_problems(variants[name], spec)]
+            found, unserved[name] = _asr_model_problems(variants[name], spec)
+            problems += [("asr", f"variant {name!r}: {p}") for p in found]
+    # A variant may serve fewer languages than the engine (fast: English only), but each language
+    # the engine names must be served by some variant.
+    nowhere = set.intersection(*(set(v) for v in unserved.values())) if unserved else set()
+    for name, missing in unserved.items():
+        if nowhere & set(missing):
+            served = sorted(asr.model_languages(variants[name]) or [])
+            shown = ", ".join(served[:12]) + (f", ... ({len(served)} in all)" if len(served) > 12 else "")
+            problems.append(("asr", f"variant {name!r}: capabilities.languages names {sorted(nowhere)}, which the "
+                                    f"model does not transcribe (it declares: {shown}), nor does any other variant's"))
+            break
+    if not problems:
+        spec.served = {name: served_languages(spec, variants[name]) for name in spec.models}
     return problems
 
 
-def _asr_model_problems(model: Any, spec: EngineSpec) -> list[str]:
+def served_languages(spec: EngineSpec, model: Any) -> list[str]:
+    """The languages variant ``model`` serves: the engine's that the model declares, or every one the
+    model declares where the engine names ``*``."""
+    declared = asr.model_languages(model)
+    engine = spec.capabilities["languages"]
+    if set(engine) & asr.ANY:
+        return sorted(declared) if declared is not None else list(engine)
+    return [code for code in engine if declared is None or declared & asr.ANY or code in declared]
+
+
+def _asr_model_problems(model: Any, spec: EngineSpec) -> tuple[list[str], list[str]]:
+    """What the variant lacks of the contract, and the engine's languages its model does not declare."""
     problems = []
     if not callable(getattr(model, "transcribe", None)):
         problems.append("has no transcribe()")
@@ -260,15 +299,9 @@ def _asr_model_problems(model: Any, spec: EngineSpec) -> list[str]:
     if not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 1:
         problems.append(f"parallelism must be a positive int, got {parallelism!r}")
     try:
-        unsupported = asr.unsupported_languages(spec.languages, model)
+        return problems, asr.unsupported_languages(spec.capabilities["languages"], model)
     except ValueError as exc:
-        return [*problems, str(exc)]
-    if unsupported:
-        served = sorted(asr.model_languages(model) or [])
-        shown = ", ".join(served[:12]) + (f", ... ({len(served)} in all)" if len(served) > 12 else "")
-        problems.append(f"capabilities.languages names {unsupported}, which the model does not transcribe "
-                        f"(it declares: {shown})")
-    return problems
+        return [*problems, str(exc)], []
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

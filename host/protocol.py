@@ -130,6 +130,7 @@ def transcript_final(segment: Segment, with_words: bool) -> dict[str, Any]:
         "end": segment.end,
         "confidence": segment.confidence,
         "language": segment.language,
+        "language_probability": segment.language_probability,
     }
     if with_words:
         msg["words"] = _words(segment.words)
@@ -157,7 +158,8 @@ def warning(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]
 
 def segment(s: Segment, with_words: bool) -> dict[str, Any]:
     """One entry of ``session.end.segments``."""
-    item: dict[str, Any] = {"id": s.id, "start": s.start, "end": s.end, "text": s.text, "confidence": s.confidence}
+    item: dict[str, Any] = {"id": s.id, "start": s.start, "end": s.end, "text": s.text, "confidence": s.confidence,
+                            "language": s.language}
     if with_words:
         item["words"] = _words(s.words)
     return item
@@ -171,6 +173,15 @@ def session_end(
                           **extra)
 
 
+def languages_seen(segments: list[dict[str, Any]]) -> list[str]:
+    """The languages of ``segments`` (wire form), most words first, for ``session.end.languages``."""
+    words: dict[str, int] = {}
+    for s in segments:
+        if s.get("language"):
+            words[s["language"]] = words.get(s["language"], 0) + len((s.get("text") or "").split())
+    return sorted(words, key=lambda code: -words[code])
+
+
 def session_end_of(session_id: str | None, total_duration: float, speech_duration: float,
                    segments: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """``session.end`` from segments already in their wire form (the router rebuilds one from the
@@ -182,6 +193,7 @@ def session_end_of(session_id: str | None, total_duration: float, speech_duratio
         "total_speech_duration": round(speech_duration, 3),
         "transcript": " ".join(s["text"] or "" for s in segments),
         "segments": segments,
+        "languages": languages_seen(segments),
         **extra,
     }
 

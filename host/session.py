@@ -332,6 +332,7 @@ class Session(SessionControl):
         segment = self.transcript.add(utterance, result)
         if segment is not None:
             self.decoding.previous_text = segment.text
+            self.decoding.previous_language = segment.language or self.decoding.previous_language
             await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
             if endpointed_at is not None:
                 self.services.metrics.final_latency.observe(time.monotonic() - endpointed_at)

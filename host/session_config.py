@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from host import languages
 from host.audio import ENCODINGS, MAX_RATE, MIN_RATE
 from host.engines import EngineSpec
 from host.protocol import ConfigError
@@ -34,7 +35,7 @@ CORE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "model": {"type": "string"},
-        "language": {"type": "string", "pattern": "^(auto|[a-z]{2,3})$", "default": "auto"},
+        "language": {"type": "string", "pattern": languages.PATTERN, "default": "auto"},
         "interim_results": {"type": "boolean", "default": True},
         "word_timestamps": {"type": "boolean", "default": False},
         "enable_vad": {"type": "boolean", "default": True},
@@ -117,11 +118,11 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
     session = _checked(CORE_SCHEMA, session)
 
     model = session.get("model") or engine.models[0]
+    if "model" not in values:  # the client named no variant: one that serves its languages
+        model = variant_for(engine, model, session["language"])
     if model not in engine.models:
         raise ConfigError("model", f"unknown model {model!r} (engine {engine.id!r} has {', '.join(engine.models)})")
-    language = session["language"]
-    if not engine.accepts_language(language):
-        raise ConfigError("language", f"engine {engine.id!r} does not support {language!r} (supports {', '.join(engine.languages)})")
+    language = check_language(session["language"], engine, model)
     core = set(CORE_SCHEMA["properties"])
     return SessionConfig(
         engine=engine.id,
@@ -141,31 +142,50 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
     )
 
 
+def variant_for(engine: EngineSpec, default: str, language: Any) -> str:
+    """``default``, or where it does not serve every language ``language`` names, the first variant
+    that does (``language=de`` without ``model`` gets a German-speaking variant, not an error)."""
+    try:
+        codes = languages.parse(language) if isinstance(language, str) else ()
+    except ValueError:
+        return default  # reported by check_language
+    if not engine.unserved_languages(codes, default):
+        return default
+    return next((m for m in engine.models if not engine.unserved_languages(codes, m)), default)
+
+
 def effective_endpointing(asked: str, engine: EngineSpec) -> str:
     """``asked``, or ``silence`` where the engine has no turn detector to ask."""
     return asked if asked == "silence" or "turn" in engine.pipeline else "silence"
 
 
-def check_change(name: str, value: Any, engine: EngineSpec) -> Any:
-    """Validate ``name`` (one of :data:`CHANGEABLE`) given mid-session by a ``config`` message."""
+def check_change(name: str, value: Any, engine: EngineSpec, model: str | None = None) -> Any:
+    """Validate ``name`` (one of :data:`CHANGEABLE`) given mid-session by a ``config`` message
+    to a session of variant ``model``."""
     if name == "language":
-        return check_language(value, engine)
+        return check_language(value, engine, model)
     found = problems({"type": "object", "properties": {name: CORE_SCHEMA["properties"][name]}}, {name: value})
     if found:
         raise ConfigError(name, found[0].message)
     return effective_endpointing(value, engine) if name == "endpointing" else value
 
 
-def check_language(language: Any, engine: EngineSpec) -> str:
-    """Validate a language given mid-session by a ``config`` message."""
+def check_language(language: Any, engine: EngineSpec, model: str | None = None) -> str:
+    """``language`` (``auto``, a code or a candidate set) as the session keeps it, if variant ``model``
+    of ``engine`` serves every language it names; else :class:`ConfigError` naming ``language``."""
     if not isinstance(language, str):
         raise ConfigError("language", "must be a string")
-    found = problems({"type": "object", "properties": {"language": CORE_SCHEMA["properties"]["language"]}}, {"language": language})
-    if found:
-        raise ConfigError("language", found[0].message)
-    if not engine.accepts_language(language):
-        raise ConfigError("language", f"engine {engine.id!r} does not support {language!r}")
-    return language
+    try:
+        codes = languages.parse(language)
+    except ValueError as exc:
+        raise ConfigError("language", str(exc)) from None
+    unserved = engine.unserved_languages(codes, model)
+    if unserved:
+        served = engine.languages_of(model)
+        shown = ", ".join(served[:20]) + (f", ... ({len(served)} in all)" if len(served) > 20 else "")
+        which = f"model {model!r} of engine {engine.id!r}" if model else f"engine {engine.id!r}"
+        raise ConfigError("language", f"{which} does not support {', '.join(map(repr, unserved))} (supports {shown})")
+    return languages.canonical(language)
 
 
 def _checked(schema: dict, values: dict) -> dict:

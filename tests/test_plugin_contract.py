@@ -33,11 +33,14 @@ def engine_dir(tmp_path: Path, **engines: dict) -> Path:
     return tmp_path
 
 
-def copy_of_default(engine_id: str, **capabilities) -> dict:
+def copy_of_default(engine_id: str, languages=("en",)) -> dict:
+    """The default engine with its tiny.en variant alone (``fast``), claiming ``languages``."""
     data = yaml.safe_load(yaml.safe_dump(DEFAULT))
     data["id"] = engine_id
-    data["capabilities"].update(capabilities)
-    data["config_schema"]["properties"]["language"]["enum"] = ["auto", *data["capabilities"]["languages"]]
+    data["capabilities"].update(languages=list(languages), models=["fast"])
+    data["capabilities"].pop("variants", None)
+    data["config_schema"]["properties"]["model"]["enum"] = ["fast"]
+    del data["pipeline"]["asr"]["options"]["models"]["accurate"]
     return data
 
 

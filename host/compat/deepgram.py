@@ -13,7 +13,9 @@ Query parameters (at connect time):
   the format, and the session starts once it has been read.
 - ``model``: a Deepgram model (``nova-3``, ``nova-2-meeting``, ``enhanced``, ``base``,
   ``whisper-large`` …) uses the engine's default model; any other value is the native ``model``.
-- ``language``: ``en``, ``en-US`` → ``en``; ``multi`` → detected (``auto``).
+- ``language``: ``en``, ``en-US`` → ``en``; ``multi`` → detected per utterance (``auto``);
+  ``detect_language=true`` without ``language`` → ``auto`` too. A language the engine's default
+  variant does not serve selects a variant that does (native ``language`` without ``model``).
 - ``interim_results`` (default false): ``Results`` with ``is_final: false`` from the partials.
 - ``punctuate``/``smart_format`` (default false): punctuated, cased ``transcript`` and
   ``punctuated_word``; without them the transcript is lower-case words, as Deepgram's.
@@ -115,6 +117,8 @@ class DeepgramDialect:
         language = query.get("language", "")
         if language:
             self._native["language"] = "auto" if language == "multi" else language.split("-")[0].lower()
+        elif query_flag(query, "detect_language", False):
+            self._native["language"] = "auto"
         if "engine" in query:
             self._native["engine"] = query["engine"]
             self.model_info["arch"] = query["engine"]

@@ -256,6 +256,10 @@ def write_turn_engine(directory: Path, turn: dict) -> Path:
     data = yaml.safe_load((ENGINES / "whisper-streaming.yaml").read_text())
     data["id"] = "whisper-smart-turn"
     data["pipeline"]["turn"] = turn
+    # tiny.en alone: Whisper base, a model:... file too, would fail first where MODELS_DIR is empty
+    data["capabilities"]["models"] = ["fast"]
+    data["config_schema"]["properties"]["model"]["enum"] = ["fast"]
+    del data["pipeline"]["asr"]["options"]["models"]["accurate"]
     directory.mkdir(exist_ok=True)
     path = directory / "smart-turn.yaml"
     path.write_text(yaml.safe_dump(data))
