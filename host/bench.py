@@ -75,7 +75,7 @@ import psutil
 
 from host import adversary
 from host.bench_report import counter_fields, fetch_engine, machine, mib, percentile, round3, table, worker_counters
-from host.bench_stats import StreamStats, analyse, clip_spans, compare_policies, speech_fields
+from host.bench_stats import Reference, StreamStats, analyse, clip_spans, compare_policies, language_fields, speech_fields
 from host.client import Audio, StreamResult, concat, read_wav, session_url, silence, stream
 from host.offline import offline_wer
 from host.speech_bounds import speech_bounds
@@ -92,6 +92,8 @@ class Item:
     id: str
     audio: Audio
     reference: str
+    language: str | None = None
+    """The manifest's ``language`` column, when it has one."""
 
     @cached_property
     def bounds(self) -> tuple[float, float] | None:
@@ -128,7 +130,7 @@ def load_manifest(path: Path, limit: int | None) -> list[Item]:
         raise SystemExit(f"manifest not found: {path} (the real speech set lives in ../shared/speech)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:limit]
-    return [Item(r["id"], read_wav(path.parent / r["path"]), r["reference"]) for r in rows]
+    return [Item(r["id"], read_wav(path.parent / r["path"]), r["reference"], r.get("language") or None) for r in rows]
 
 
 async def run_stream(url: str, items: list[Item], args, endpointing: dict, progress: Progress,
@@ -138,7 +140,7 @@ async def run_stream(url: str, items: list[Item], args, endpointing: dict, progr
     result = await stream(url, audio, chunk_s=args.chunk, speed=args.speed,
                           on_sent=lambda n: progress.add(n / rate))
     spans = clip_spans([it.audio for it in items], [it.bounds for it in items], offset, args.gap)
-    stats = analyse(result, " ".join(it.reference for it in items), args.speed, endpointing, spans)
+    stats = analyse(result, [Reference(it.reference, it.language) for it in items], args.speed, endpointing, spans)
     stats.audio_seconds = audio.seconds
     return stats
 
@@ -166,7 +168,8 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
 
 def session_params(args) -> dict[str, Any]:
     """The query parameters every measured session gets (besides ``endpointing``)."""
-    params = dict(engine=args.engine, model=args.model, interim_results=False if args.no_partials else None)
+    params = dict(engine=args.engine, model=args.model, language=args.language,
+                  interim_results=False if args.no_partials else None)
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -219,6 +222,7 @@ def level_fields(results: list[StreamStats], max_p95: float, wall: float) -> dic
     finals = [x for r in results for x in r.final_latencies]
     partials = [x for r in results for x in r.first_partial_latencies]
     wer = WerCounts(sum(r.wer.errors for r in results), sum(r.wer.words for r in results))
+    wer_project = WerCounts(sum(r.wer_project.errors for r in results), sum(r.wer_project.words for r in results))
     lag = sum(1 for r in results for w in r.warnings + r.errors if w == "processing_lag")
     errors = sorted({e for r in results for e in r.errors})
     p95 = percentile(finals, 0.95)
@@ -233,6 +237,8 @@ def level_fields(results: list[StreamStats], max_p95: float, wall: float) -> dic
         "first_partial_latency_p95": round3(percentile(partials, 0.95)),
         "partials": sum(r.partials for r in results),
         "wer": round(wer.wer, 4),
+        "wer_project": round(wer_project.wer, 4),
+        **language_fields(results),
         "lag_events": lag,
         "errors": errors,
         "realtime": bool(finals) and p95 is not None and p95 <= max_p95 and lag == 0 and not errors,
@@ -315,6 +321,7 @@ def main(args) -> int:
         engine = fetch_engine(url, args.engine)
         report: dict[str, Any] = {
             "machine": machine(), "engine": engine["id"], "model": args.model or "default",
+            "language": args.language or "default",
             "manifest": str(args.manifest), "utterances": len(items), "speed": args.speed, "chunk_s": args.chunk,
             "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": round3(startup),
             "idle_rss_mib": mib(proc.memory_info().rss) if proc else None, "runs": [],
@@ -331,8 +338,12 @@ def main(args) -> int:
         if args.offline:
             report["offline"] = offline_wer(items, engine["id"], args.model, args.engines_dir)
             offline = report["offline"].get("wer")
+            by_language = report["offline"].get("languages", {})
             for row in report["runs"]:
                 row["wer_vs_offline"] = round(row["wer"] / offline, 3) if offline else None
+                for code, figures in row.get("languages", {}).items():
+                    base = by_language.get(code, {}).get("wer")
+                    figures["wer_vs_offline"] = round(figures["wer"] / base, 3) if base else None
     finally:
         if worker:
             worker.terminate()
@@ -360,6 +371,8 @@ def add_arguments(p) -> None:
                    help="comma-separated endpointing policies, each level runs once per policy (default: turn,silence)")
     p.add_argument("--engine")
     p.add_argument("--model")
+    p.add_argument("--language", help="the sessions' language parameter: auto, a code, or candidates en,de,es "
+                                      "(a manifest with a language column gets WER and detection per language)")
     p.add_argument("--no-partials", action="store_true", help="interim_results=false")
     p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the engine's model on the same utterances transcribed whole, offline")

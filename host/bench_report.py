@@ -99,7 +99,8 @@ def table(report: dict[str, Any]) -> str:
             ("turn_cpu_percent", "turn CPU %"), ("turn_checks", "turn checks"),
             ("asr_busy_percent", "ASR busy %"), ("decode_mean_s", "decode s"), ("rss_mib", "RSS MiB"),
             ("lag_events", "lag"), ("realtime", "real-time")]
-    lines = [f"engine {report['engine']} model {report['model']}, {report['utterances']} utterances, "
+    lines = [f"engine {report['engine']} model {report['model']} language {report.get('language', 'default')}, "
+             f"{report['utterances']} utterances, "
              f"speed {report['speed']}, partials {'on' if report['interim_results'] else 'off'}; "
              f"{report['machine']['cores']} cores"]
     if report.get("startup_seconds") is not None:
@@ -109,6 +110,11 @@ def table(report: dict[str, Any]) -> str:
         lines.append("  ".join(f"{'-' if row.get(k) is None else row.get(k)!s:>11}" for k, _ in cols))
     lines.append("EoS: true end of speech → final; onset: true speech onset → first partial; finals/utt: finals "
                  "per reference utterance; final/partial: from the VAD's endpoint/onset (older results' figures)")
+    for row in report["runs"]:
+        for code, f in row.get("languages", {}).items():
+            lines.append(f"{row['streams']} stream(s) {row.get('endpointing') or ''} {code}: WER {f['wer']} "
+                         f"(×offline {f.get('wer_vs_offline', '-')}), language right in {f['language_accuracy']} "
+                         f"of {f['finals']} finals")
     for c in report.get("comparison", []):
         lines.append(f"turn/silence at {c['streams']} stream(s): EoS p50 ×{c['end_of_speech_to_final_p50']}, "
                      f"p95 ×{c['end_of_speech_to_final_p95']}, finals/utt ×{c['finals_per_utterance']}, WER ×{c['wer']}")

@@ -21,7 +21,7 @@ from typing import Any
 from host.bench_report import percentile, round3
 from host.client import Audio, StreamResult
 from host.endpointing import EndpointingOptions
-from host.wer import WerCounts, word_errors
+from host.wer import WerCounts, field_errors, word_errors
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,35 @@ class ClipSpan:
     """Where the next clip begins (inf for the last): the clip's region is [offset, region_end)."""
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What was said in one clip of a stream, and in which language (None: not given)."""
+
+    text: str
+    language: str | None = None
+
+
+@dataclass
+class LanguageScore:
+    """One language's clips in a stream: word errors, and how many finals had that language."""
+
+    errors: WerCounts = field(default_factory=lambda: WerCounts(0, 0))
+    finals: int = 0
+    right: int = 0
+    """Finals whose ``language`` is the clip's."""
+
+    def __add__(self, other: LanguageScore) -> LanguageScore:
+        return LanguageScore(self.errors + other.errors, self.finals + other.finals, self.right + other.right)
+
+
 @dataclass
 class StreamStats:
     audio_seconds: float = 0.0
     wer: WerCounts = field(default_factory=lambda: WerCounts(0, 0))
+    """Word errors as the field counts them (:func:`host.wer.field_errors`), clip by clip."""
+    wer_project: WerCounts = field(default_factory=lambda: WerCounts(0, 0))
+    """The same with this project's older normaliser over the whole stream (:func:`host.wer.word_errors`)."""
+    languages: dict[str, LanguageScore] = field(default_factory=dict)
     final_latencies: list[float] = field(default_factory=list)
     first_partial_latencies: list[float] = field(default_factory=list)
     end_of_speech_latencies: list[float] = field(default_factory=list)
@@ -109,11 +134,18 @@ def from_speech(stats: StreamStats, result: StreamResult, spans: Sequence[ClipSp
             stats.onset_partial_latencies.append(min(heard) - (result.started_at + span.onset / speed))
 
 
-def analyse(result: StreamResult, reference: str, speed: float | None, endpointing: dict[str, Any],
+def analyse(result: StreamResult, references: Sequence[Reference], speed: float | None, endpointing: dict[str, Any],
             spans: Sequence[ClipSpan] = ()) -> StreamStats:
-    """Latencies, WER and problems of one streamed session (``spans``: where its clips lie)."""
+    """Latencies, WER and problems of one streamed session of clips ``references`` (``spans``:
+    where they lie; without them the transcript is scored whole)."""
     stats = StreamStats()
-    stats.wer = word_errors(reference, result.end["transcript"] if result.end else "")
+    transcript = result.end["transcript"] if result.end else ""
+    stats.wer_project = word_errors(" ".join(r.text for r in references), transcript)
+    if spans and len(spans) == len(references):
+        score_clips(stats, result, references, spans)
+    else:
+        language = references[0].language if references else None
+        stats.wer = field_errors(" ".join(r.text for r in references), transcript, language)
     options = EndpointingOptions.from_options({"postroll_s": 0.0, "preroll_s": 0.0, **endpointing})
     postroll, preroll = options.postroll_s, options.preroll_s
     start_at: dict[int, float] = {}
@@ -148,6 +180,40 @@ def analyse(result: StreamResult, reference: str, speed: float | None, endpointi
         stats.errors.append(f"no session.end (close {result.close_code})")
     from_speech(stats, result, spans, speed)
     return stats
+
+
+def score_clips(stats: StreamStats, result: StreamResult, references: Sequence[Reference],
+                spans: Sequence[ClipSpan]) -> None:
+    """Each clip's word errors (the finals whose midpoint lies in its region against its reference,
+    in its language) and, where the clip's language is known, how many of those finals had it."""
+    finals = [m for m in result.messages if m["type"] == "transcript.final"
+              and m.get("start") is not None and m.get("end") is not None]
+    for ref, span in zip(references, spans):
+        mine = [m for m in finals if span.offset <= (m["start"] + m["end"]) / 2 < span.region_end]
+        errors = field_errors(ref.text, " ".join(m["text"] or "" for m in mine), ref.language)
+        stats.wer += errors
+        if ref.language:
+            right = sum(1 for m in mine if m.get("language") == ref.language)
+            score = LanguageScore(errors, len(mine), right)
+            stats.languages[ref.language] = stats.languages.get(ref.language, LanguageScore()) + score
+
+
+def language_fields(results: Sequence[StreamStats]) -> dict[str, Any]:
+    """Per language of the manifest, over a level's streams: WER and the share of finals detected
+    in the clip's language (``language_accuracy``); empty without a ``language`` column."""
+    totals: dict[str, LanguageScore] = {}
+    for r in results:
+        for code, score in r.languages.items():
+            totals[code] = totals.get(code, LanguageScore()) + score
+    if not totals:
+        return {}
+    finals = sum(s.finals for s in totals.values())
+    return {
+        "language_accuracy": round(sum(s.right for s in totals.values()) / finals, 4) if finals else None,
+        "languages": {code: {"wer": round(s.errors.wer, 4), "words": s.errors.words, "finals": s.finals,
+                             "language_accuracy": round(s.right / s.finals, 4) if s.finals else None}
+                      for code, s in sorted(totals.items())},
+    }
 
 
 def speech_fields(results: Sequence[StreamStats]) -> dict[str, Any]:

@@ -21,20 +21,21 @@ from host.contracts import SAMPLE_RATE, AsrModel
 from host.engines import load_engines
 from host.models import ComponentError, LoadedEngine, ModelManager
 from host.plugins import load_plugins
-from host.wer import WerCounts, word_errors
+from host.wer import WerCounts, field_errors, word_errors
 
 if TYPE_CHECKING:
     from host.bench import Item
 
 
-def transcribe_whole(model: AsrModel, audio: np.ndarray, max_s: float) -> str:
+def transcribe_whole(model: AsrModel, audio: np.ndarray, max_s: float, language: str | None = None) -> str:
     """The transcript of ``audio`` in as few calls as the model takes: one call when the audio is
     at most ``max_s`` long, else consecutive ``max_s`` pieces cut without a VAD.
 
     ``max_s`` is the engine's ``max_utterance_s``: the host never gives a model a longer
-    utterance, so a model may rely on that bound (Whisper's window is 30 s)."""
+    utterance, so a model may rely on that bound (Whisper's window is 30 s). ``language``: the
+    language to transcribe in (None: the model decides)."""
     step = max(1, int(max_s * SAMPLE_RATE))
-    texts = [model.transcribe(audio[i:i + step], language=None, word_timestamps=False, partial=False).text
+    texts = [model.transcribe(audio[i:i + step], language=language, word_timestamps=False, partial=False).text
              for i in range(0, len(audio), step)]
     return " ".join(t for t in texts if t)
 
@@ -73,11 +74,21 @@ def offline_wer(items: Sequence[Item], engine_id: str, model: str | None, engine
     asr = engine.asr.variants.get(variant)
     if asr is None:
         return {"wer": None, "note": f"engine {engine_id!r} has no model variant {variant!r}"}
-    total, spent = WerCounts(0, 0), 0.0
+    total, project, spent = WerCounts(0, 0), WerCounts(0, 0), 0.0
+    per_language: dict[str, WerCounts] = {}
     for it in items:
         x = np.frombuffer(it.audio.pcm, "<i2").astype(np.float32) / 32768
         t0 = time.perf_counter()
-        text = transcribe_whole(asr, x, engine.endpointing.max_utterance_s)
+        # With the language given where the manifest says it: the reference streaming is held to.
+        text = transcribe_whole(asr, x, engine.endpointing.max_utterance_s, it.language)
         spent += time.perf_counter() - t0
-        total += word_errors(it.reference, text)
-    return {"wer": round(total.wer, 4), "compute_seconds": round(spent, 1), "settings": settings(engine, variant)}
+        errors = field_errors(it.reference, text, it.language)
+        total += errors
+        project += word_errors(it.reference, text)
+        if it.language:
+            per_language[it.language] = per_language.get(it.language, WerCounts(0, 0)) + errors
+    out = {"wer": round(total.wer, 4), "wer_project": round(project.wer, 4), "compute_seconds": round(spent, 1),
+           "settings": settings(engine, variant)}
+    if per_language:
+        out["languages"] = {code: {"wer": round(c.wer, 4), "words": c.words} for code, c in sorted(per_language.items())}
+    return out

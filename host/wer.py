@@ -91,3 +91,20 @@ def word_errors(reference: str, hypothesis: str) -> WerCounts:
 
 def wer(reference: str, hypothesis: str) -> float:
     return word_errors(reference, hypothesis).wer
+
+
+def field_errors(reference: str, hypothesis: str, language: str | None = "en") -> WerCounts:
+    """Word errors as the field counts them, so figures compare with published ones: Whisper's
+    English normaliser (the Open ASR Leaderboard's) for English, its basic multilingual one for other
+    languages, then jiwer's alignment. :func:`word_errors` is this project's older hand-written count
+    (bench/results/README.md shows both on the dev set)."""
+    import jiwer
+    from whisper_normalizer.basic import BasicTextNormalizer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize_text = EnglishTextNormalizer() if language in (None, "en") else BasicTextNormalizer()
+    ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
+    if not ref:
+        return WerCounts(len(hyp), 0)
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp) or "")
+    return WerCounts(out.substitutions + out.deletions + out.insertions, len(ref))

@@ -15,7 +15,16 @@ import pytest
 
 from host import bench
 from host.bench_report import counter_fields, table
-from host.bench_stats import ClipSpan, StreamStats, clip_spans, compare_policies, from_speech
+from host.bench_stats import (
+    ClipSpan,
+    Reference,
+    StreamStats,
+    analyse,
+    clip_spans,
+    compare_policies,
+    from_speech,
+    language_fields,
+)
 from host.client import Audio, StreamResult, concat, read_wav, silence
 from host.speech_bounds import speech_bounds
 
@@ -25,7 +34,7 @@ FIELDS = {
     "streams", "endpointing", "final_latency_p50", "final_latency_p95", "first_partial_latency_p50",
     "first_partial_latency_p95", "end_of_speech_to_final_p50", "end_of_speech_to_final_p95",
     "first_partial_after_onset_p50", "first_partial_after_onset_p95", "finals_per_utterance",
-    "utterances_without_final", "wer", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "vad_cpu_percent",
+    "utterances_without_final", "wer", "wer_project", "wer_vs_offline", "cpu_percent", "client_cpu_percent", "vad_cpu_percent",
     "turn_cpu_percent", "turn_checks", "asr_busy_percent", "decode_mean_s", "speculative", "rss_mib", "lag_events",
     "errors", "realtime",
 }
@@ -132,6 +141,30 @@ def test_a_merged_final_completes_both_clips():
     from_speech(stats, result, spans, speed=1.0)
     assert stats.end_of_speech_latencies == pytest.approx([3.5, 0.5])
     assert stats.finals_per_clip == [1, 0]  # its midpoint (3.2 s) lies in the first clip's region
+
+
+def test_each_clip_is_scored_in_its_language_and_detection_is_counted():
+    spans = [ClipSpan(0.0, 0.5, 3.0, 4.0), ClipSpan(4.0, 4.5, 7.0, math.inf)]
+    refs = [Reference("er griff auch alles an", "de"), Reference("fue tanta la cantidad de gente", "es")]
+    result = _session([
+        (101.0, {"type": "transcript.final", "utterance_id": 0, "start": 0.5, "end": 2.0, "text": "Er griff auch",
+                 "language": "de"}),
+        (102.0, {"type": "transcript.final", "utterance_id": 1, "start": 2.0, "end": 3.0, "text": "alles an.",
+                 "language": "en"}),
+        (106.0, {"type": "transcript.final", "utterance_id": 2, "start": 4.5, "end": 7.0,
+                 "text": "Fue tanta la cantidad de gente.", "language": "es"}),
+        (107.0, {"type": "session.end", "transcript": "Er griff auch alles an. Fue tanta la cantidad de gente."}),
+    ])
+    stats = analyse(result, refs, 1.0, {}, spans)
+    assert stats.wer.errors == 0 and stats.wer.words == 11
+    assert stats.languages["de"].finals == 2 and stats.languages["de"].right == 1
+    assert stats.languages["es"].right == 1 and stats.languages["es"].errors.words == 6
+    fields = language_fields([stats, stats])
+    assert fields["language_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert fields["languages"]["de"] == {"wer": 0.0, "words": 10, "finals": 4, "language_accuracy": 0.5}
+    # Without a language column there is nothing per language, and the transcript is scored whole.
+    plain = analyse(result, [Reference("er griff auch alles an fue tanta la cantidad de gente")], 1.0, {})
+    assert plain.languages == {} and language_fields([plain]) == {} and plain.wer.words == 11
 
 
 def test_compare_policies_gives_turn_over_silence():
