@@ -13,7 +13,7 @@ from host import protocol as msg
 from host.endpointing import EndpointingOptions, Event, TurnPolicy
 from host.limits import SessionLimits
 from host.protocol import MAX_JSON_DEPTH, Close, ConfigError, ErrorCode, nested_deeper_than
-from host.session_config import CHANGEABLE, SessionConfig, check_change
+from host.session_config import CHANGEABLE, SessionConfig, changeable, check_change, check_language, variant_for
 
 if TYPE_CHECKING:
     from host.audio import AudioBuffer
@@ -84,22 +84,48 @@ class SessionControl(SessionLimits):
         await handler(message)
 
     async def _on_config(self, message: dict) -> None:
-        unknown = sorted(set(message) - {"type", *CHANGEABLE})
+        allowed = changeable(self.engine.spec)
+        unknown = sorted(set(message) - {"type", *allowed})
         try:
             if unknown:
-                raise ConfigError(ascii(unknown[0]), f"cannot be changed during a session (only {', '.join(CHANGEABLE)} can)")
-            changes = {name: check_change(name, message[name], self.engine.spec, self.config.model)
-                       for name in CHANGEABLE if name in message}
+                raise ConfigError(ascii(unknown[0]), f"cannot be changed during a session (only {', '.join(allowed)} can)")
+            model = self._model_for(message)
+            changes = {name: check_change(name, message[name], self.engine.spec, model)
+                       for name in allowed if name in message and name != "model"}
         except ConfigError as exc:
             await self._report(ErrorCode.INVALID_CONFIG, str(exc), recoverable=True, param=exc.param)
             return
+        self.config.model_named = self.config.model_named or "model" in message
+        if model != self.config.model:
+            variant = self.engine.asr.variants[model]
+            self.decoding.use_model(variant, self.services.scheduler.queue_for(variant.key, variant.parallelism))
+            self.config.model = self.decoding.config["model"] = model
         if "language" in changes:
-            self.decoding.language = changes.pop("language")
+            self.decoding.language = self.decoding.config["language"] = changes.pop("language")
+        for name in [n for n in changes if n not in CHANGEABLE]:  # the engine's own: the model's next jobs read them
+            self.config.extra[name] = self.decoding.config[name] = changes.pop(name)
         if changes:
             async with self._lock:  # from the next window on
                 for name, value in changes.items():
                     setattr(self.config, name, value)
                 self.vad.endpointer.configure(*self._endpointing())
+
+    def _model_for(self, message: dict) -> str:
+        """The variant the session uses after ``message``: the one it names, else where the session
+        never named one and its variant does not serve the new language, the first that does. Raises
+        :class:`ConfigError` for a variant that does not serve the session's language."""
+        spec = self.engine.spec
+        if "model" in message:
+            model = check_change("model", message["model"], spec)
+            if "language" not in message:
+                try:
+                    check_language(self.decoding.language, spec, model)
+                except ConfigError as exc:
+                    raise ConfigError("model", f"{model!r} cannot take the session's language: {exc.reason}") from None
+            return model
+        if not self.config.model_named and "language" in message:
+            return variant_for(spec, self.config.model, message["language"])
+        return self.config.model
 
     def _endpointing(self) -> tuple[EndpointingOptions, TurnPolicy | None]:
         """The session's endpointing options and turn policy (None: the silence timer)."""

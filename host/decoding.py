@@ -92,6 +92,7 @@ class UtteranceDecoder:
         self._partial_tasks: set[asyncio.Task] = set()
         self._partial_failures: set[str] = set()  # logged once each
         self.streaming = streams(model)
+        self._next_model: tuple[AsrModel, InferenceQueue] | None = None  # use_model's, from the next utterance
         self._stream: StreamState | None = None  # the open utterance's stream (streaming models)
         self._fed = 0  # buffer position fed to the stream so far
         self._feed: tuple[StreamCall, Ticket, int] | None = None  # the piece in flight, and where it starts
@@ -124,8 +125,21 @@ class UtteranceDecoder:
         """The id of the utterance in progress, if any."""
         return self._utterance[0] if self._utterance is not None else None
 
+    def use_model(self, model: AsrModel, queue: InferenceQueue) -> None:
+        """Decode the utterances that open from now on with ``model`` (a mid-session ``config``);
+        an utterance already open keeps the model it began with."""
+        self._next_model = (model, queue)
+        if self._utterance is None:
+            self._switch_model()
+
+    def _switch_model(self) -> None:
+        if self._next_model is not None:
+            (self.model, self.queue), self._next_model = self._next_model, None
+            self.streaming = streams(self.model)
+
     def start(self, sample: int) -> int:
         """Speech started at ``sample``: open the next utterance; its id."""
+        self._switch_model()
         uid = self._next_utterance
         self._utterance = (uid, sample)
         self._next_utterance += 1

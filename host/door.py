@@ -25,7 +25,7 @@ from websockets.http11 import Request, Response
 
 from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
-from host.compat import DialectConnection, dialect_routes
+from host.compat import DialectConnection, Query, dialect_routes
 from host.contracts import LoadContext
 from host.frontdoor import (
     SESSION_PATHS,
@@ -162,7 +162,7 @@ class FrontDoor(Generic[S]):
         if refusal is not None:
             await close_now(ws, *refusal)
             return
-        await self.serve_session(ws, url, dict(parse_qsl(url.query, keep_blank_values=True)), dialect)
+        await self.serve_session(ws, url, Query(parse_qsl(url.query, keep_blank_values=True)), dialect)
 
     async def open_dialect(self, ws: ServerConnection, dialect: Any, query: dict[str, str],
                            timeout: float = 30.0) -> tuple[Any, dict[str, str] | None]:

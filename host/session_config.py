@@ -50,8 +50,9 @@ CORE_SCHEMA: dict[str, Any] = {
 (``silence_ms``, default the engine's). ``eagerness`` tunes ``turn``; ``turn_events`` sends
 ``turn.end``. See docs/protocol.md."""
 
-CHANGEABLE = ("language", "endpointing", "eagerness", "silence_ms", "turn_events")
-"""Parameters a ``config`` message may change during a session."""
+CHANGEABLE = ("model", "language", "endpointing", "eagerness", "silence_ms", "turn_events")
+"""Parameters a ``config`` message may change during a session (``model``: for the utterances that
+start after it)."""
 
 T = TypeVar("T")
 
@@ -75,11 +76,15 @@ class SessionConfig:
     turn_events: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     """Engine-specific parameters declared by its config_schema."""
+    model_named: bool = False
+    """Whether the client chose ``model`` itself; if not, a language its variant does not serve moves
+    the session to one that does (:func:`variant_for`)."""
 
     def public(self) -> dict[str, Any]:
         """The ``config`` object of ``session.begin``."""
         out = asdict(self)
         out.pop("engine")
+        out.pop("model_named")
         out.update(out.pop("extra"))
         return out
 
@@ -139,6 +144,7 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
         silence_ms=session["silence_ms"],
         turn_events=session["turn_events"],
         extra={k: v for k, v in session.items() if k not in core},
+        model_named="model" in values,
     )
 
 
@@ -159,12 +165,25 @@ def effective_endpointing(asked: str, engine: EngineSpec) -> str:
     return asked if asked == "silence" or "turn" in engine.pipeline else "silence"
 
 
+def changeable(engine: EngineSpec) -> tuple[str, ...]:
+    """What a ``config`` message may change in a session of ``engine``: :data:`CHANGEABLE`, and the
+    engine's own parameters that its ``config_schema`` marks ``changeable: true`` (a prompt, keyterms)."""
+    own = (engine.config_schema.get("properties") or {}).items()
+    return CHANGEABLE + tuple(name for name, prop in own
+                              if isinstance(prop, dict) and prop.get("changeable") is True and name not in CHANGEABLE)
+
+
 def check_change(name: str, value: Any, engine: EngineSpec, model: str | None = None) -> Any:
     """Validate ``name`` (one of :data:`CHANGEABLE`) given mid-session by a ``config`` message
     to a session of variant ``model``."""
     if name == "language":
         return check_language(value, engine, model)
-    found = problems({"type": "object", "properties": {name: CORE_SCHEMA["properties"][name]}}, {name: value})
+    if name == "model":
+        if not isinstance(value, str) or value not in engine.models:
+            raise ConfigError("model", f"unknown model {value!r} (engine {engine.id!r} has {', '.join(engine.models)})")
+        return value
+    schema = CORE_SCHEMA["properties"].get(name) or engine.config_schema["properties"][name]
+    found = problems({"type": "object", "properties": {name: schema}}, {name: value})
     if found:
         raise ConfigError(name, found[0].message)
     return effective_endpointing(value, engine) if name == "endpointing" else value

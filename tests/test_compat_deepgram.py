@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from host.client import concat, read_wav, silence
+from host.compat import Query
 from host.compat.deepgram import DeepgramDialect, _plain, _wav_header
 from host.session_config import ConfigError
 from host.wer import word_errors
@@ -189,9 +190,12 @@ async def test_malformed_messages_get_deepgram_errors(idle_worker):
             reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
             assert reply["type"] == "Error" and reply["variant"] == variant, (raw, reply)
             assert reply["description"] and reply["message"], reply
-        await ws.send(json.dumps({"type": "Configure", "keyterms": ["engine host"]}))
+        await ws.send(json.dumps({"type": "Configure", "keyterms": "engine host"}))  # not a list
         reply = json.loads(await ws.recv())
-        assert reply["type"] == "ConfigureFailure" and reply["code"] == "CONFIGURE_KEYTERMS_NOT_SUPPORTED"
+        assert reply["type"] == "ConfigureFailure" and "list" in reply["description"], reply
+        await ws.send(json.dumps({"type": "Configure", "keyterms": ["engine host", "Dalston"]}))
+        reply = json.loads(await ws.recv())
+        assert reply["type"] == "ConfigureSuccess", reply
         await ws.send(json.dumps({"type": "Configure", "features": {"punctuate": True}}))
         reply = json.loads(await ws.recv())
         assert reply["type"] == "ConfigureSuccess" and reply["request_id"].startswith("sess_")
@@ -251,3 +255,20 @@ def test_plain_words_and_configure():
                                "model": "accurate", "language": "auto", "encoding": "alaw", "sample_rate": "8000",
                                "channels": "1"}
     assert DeepgramDialect().configure({"model": "nova-3"}, {}) is None  # a container: wait for the header
+
+
+def test_keyterms_and_language_detection_map_to_native_parameters():
+    query = Query([("encoding", "linear16"), ("keyterm", "Kowloon"), ("keyterm", "T. rex, king"),
+                   ("keywords", "Dashwood:2"), ("keywords", "Hale"), ("detect_language", "true")])
+    native = DeepgramDialect().configure(query, {})
+    assert native is not None
+    assert native["keyterms"] == "Kowloon,T. rex king,Dashwood,Hale" and native["language"] == "auto"
+    with pytest.raises(ConfigError) as refused:
+        DeepgramDialect().configure(Query([("encoding", "linear16"), *[("keyterm", "x" * 60)] * 10]), {})
+    assert refused.value.param == "keyterm"
+    # Configure: keyterms reach the session as a native config; a malformed message applies nothing.
+    d = DeepgramDialect()
+    natives, answers = d.incoming(json.dumps({"type": "Configure", "keyterms": ["Kowloon"]}))
+    assert natives == [{"type": "config", "keyterms": "Kowloon"}] and answers[0]["type"] == "ConfigureSuccess"
+    natives, answers = d.incoming(json.dumps({"type": "Configure", "keyterms": ["x"], "features": {"punctuate": 1}}))
+    assert natives == [] and answers[0]["type"] == "ConfigureFailure"

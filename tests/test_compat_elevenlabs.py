@@ -16,10 +16,12 @@ import json
 import pytest
 from elevenlabs import AsyncElevenLabs
 from elevenlabs.realtime import AudioFormat, CommitStrategy, RealtimeEvents
+from elevenlabs.types.session_started_payload_config import SessionStartedPayloadConfig
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from host.client import concat, read_wav, silence
+from host.compat import Query
 from host.compat.elevenlabs import ElevenLabsDialect
 from host.wer import WerCounts, word_errors
 from tests.support import b64, chunks, mulaw8k, pcm_at, run_compat_snippet
@@ -259,6 +261,10 @@ def test_configure_maps_formats_models_and_languages():
                                             "include_timestamps": "true", "engine": "whisper-streaming"}, {})
     assert native == {"encoding": "pcm_s16le", "sample_rate": "44100", "channels": "1", "enable_vad": "true",
                       "word_timestamps": "true", "model": "accurate", "engine": "whisper-streaming"}
+    d = ElevenLabsDialect()
+    native = d.configure(Query([("keyterms", "Kowloon"), ("keyterms", "Carpanedo")]), {})
+    assert native["keyterms"] == "Kowloon,Carpanedo" and d.config["keyterms"] == ["Kowloon", "Carpanedo"]
+    assert SessionStartedPayloadConfig.model_validate(d.config).keyterms == ["Kowloon", "Carpanedo"]
 
 
 def test_manual_finals_before_flush_done_belong_to_the_commit():

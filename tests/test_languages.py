@@ -208,6 +208,32 @@ async def test_code_switching_stream_gets_each_utterance_in_its_language(idle_wo
     assert set(result.end["languages"]) == {s["language"] for s in segments}
 
 
+async def test_a_session_that_named_no_model_moves_to_a_variant_for_its_new_language(idle_worker):
+    clip = multi_manifest()["de-fleurs-004"]
+    audio = concat(read_wav(clip.path), silence(1.0))
+    async with connect(session_url(idle_worker.url), max_size=None) as ws:
+        begin = json.loads(await ws.recv())
+        assert begin["config"]["model"] == "fast" and begin["config"]["language"] == "auto"
+        await ws.send(json.dumps({"type": "config", "language": "de"}))
+        for i in range(0, len(audio.pcm), 6400):
+            await ws.send(audio.pcm[i:i + 6400])
+        await ws.send(json.dumps({"type": "end"}))
+        messages = [json.loads(m) async for m in ws]
+    assert not [m for m in messages if m["type"] == "error"], messages
+    finals = [m for m in messages if m["type"] == "transcript.final"]
+    assert finals and {f["language"] for f in finals} == {"de"}
+    assert field_errors(clip.reference, " ".join(f["text"] for f in finals), "de").wer <= 0.2, finals
+    # Back to fast: it cannot take German, so the session's language must change with it.
+    async with connect(session_url(idle_worker.url, model="accurate", language="de"), max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "config", "model": "fast"}))
+        await ws.send(json.dumps({"type": "config", "model": "fast", "language": "en"}))
+        await ws.send(json.dumps({"type": "end"}))
+        messages = [json.loads(m) async for m in ws]
+    errors = [m for m in messages if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["param"] == "model", errors
+
+
 async def test_a_candidate_set_excludes_other_languages(idle_worker):
     clip = multi_manifest()["de-fleurs-004"]
     url = session_url(idle_worker.url, model="accurate", language="en,es,fr")

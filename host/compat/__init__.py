@@ -117,6 +117,41 @@ def audio_frames(data: bytes) -> list[bytes]:
     return [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
 
 
+class Query(dict):
+    """A query string's parameters: the last value of each name (as the native protocol reads them),
+    and in :attr:`lists` every value, for vendor parameters that repeat (Deepgram's ``keyterm``)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        super().__init__(pairs)
+        self.lists: dict[str, list[str]] = {}
+        for name, value in pairs:
+            self.lists.setdefault(name, []).append(value)
+
+
+def query_values(query: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a repeatable parameter ``name`` (the last one alone where ``query`` kept no others)."""
+    lists = getattr(query, "lists", None)
+    if isinstance(lists, dict) and name in lists:
+        return list(lists[name])
+    return [query[name]] if name in query else []
+
+
+MAX_KEYTERMS_CHARS = 500
+"""The default engine's ``keyterms`` parameter holds at most this much (its ``maxLength``)."""
+
+
+def keyterms(terms: list[str], param: str) -> str:
+    """Vendor keyterms as the native comma-separated ``keyterms`` (commas inside a term become spaces);
+    :class:`host.protocol.ConfigError` naming ``param`` when they are too long together."""
+    from host.protocol import ConfigError
+
+    cleaned = [" ".join(t.replace(",", " ").split()) for t in terms]
+    joined = ",".join(t for t in cleaned if t)
+    if len(joined) > MAX_KEYTERMS_CHARS:
+        raise ConfigError(param, f"keyterms of {len(joined)} characters together; at most {MAX_KEYTERMS_CHARS}")
+    return joined
+
+
 def query_flag(query: Mapping[str, str], name: str, default: bool) -> bool:
     """A vendor's boolean query parameter (``true``/``false``/``1``/``0``; absent or empty: ``default``)."""
     from host.protocol import ConfigError

@@ -25,12 +25,15 @@ Query parameters (at connect time):
   detector); ``false`` → ``speech_final`` is never true.
 - ``utterance_end_ms``: an ``UtteranceEnd`` after each utterance's final.
 - ``vad_events``: ``SpeechStarted`` when an utterance opens.
+- ``keyterm`` (repeatable) and ``keywords`` (repeatable, ``word`` or ``word:boost``; the boost is not
+  applied) → native ``keyterms`` (comma-separated; at most 500 characters in all).
 - ``engine``: an extension, the native engine id. ``multichannel=true`` is refused; other
-  parameters (``diarize``, ``keyterm``, ``numerals``, ``redact`` …) are accepted and ignored.
+  parameters (``diarize``, ``numerals``, ``redact`` …) are accepted and ignored.
 
 Client messages: binary audio (an empty frame closes the stream, as in Deepgram's older API),
 ``KeepAlive``, ``Finalize`` (→ native ``flush``), ``CloseStream`` (→ native ``end``), ``Configure``
-(``features.punctuate``/``smart_format`` applied; ``keyterms`` refused with ``ConfigureFailure``).
+(``features.punctuate``/``smart_format`` applied; ``keyterms`` → native ``config`` ``keyterms`` for the
+utterances decoded after it).
 
 Server messages: ``Results``, ``SpeechStarted``, ``UtteranceEnd``, ``Metadata`` (last, after
 ``CloseStream``), ``ConfigureSuccess``/``ConfigureFailure`` and ``Error`` (``{type, variant,
@@ -48,7 +51,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import host
-from host.compat import BadMessage, Native, parse_json_object, query_flag
+from host.compat import BadMessage, Native, keyterms, parse_json_object, query_flag, query_values
 from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
@@ -60,6 +63,8 @@ ENCODINGS = {"linear16": ("pcm_s16le", 16000), "linear32": ("pcm_f32le", 16000),
 UNSUPPORTED = ("flac", "opus", "ogg-opus", "speex", "amr-nb", "amr-wb", "g729")
 WAV_FORMATS = {(1, 16): "pcm_s16le", (3, 32): "pcm_f32le", (6, 8): "alaw", (7, 8): "mulaw"}
 """WAV (format tag, bits per sample) → native encoding."""
+_BOOST = re.compile(r":-?\d+(\.\d+)?$")
+"""The ``:boost`` Deepgram's ``keywords`` may end with (``Kowloon:2``); the boost itself is not applied."""
 _DEEPGRAM_MODEL = re.compile(r"^(nova|enhanced|base|whisper|flux|general|phonecall|meeting|conversationalai)", re.I)
 _PUNCTUATION = re.compile(r"[^\w'\-]+")
 MAX_HEADER = 64 * 1024
@@ -119,6 +124,11 @@ class DeepgramDialect:
             self._native["language"] = "auto" if language == "multi" else language.split("-")[0].lower()
         elif query_flag(query, "detect_language", False):
             self._native["language"] = "auto"
+        # keyterm (nova-3) and keywords (word or word:boost, older models) both name words to favour
+        terms = query_values(query, "keyterm") + [k.rsplit(":", 1)[0] if _BOOST.search(k) else k
+                                                  for k in query_values(query, "keywords")]
+        if terms:
+            self._native["keyterms"] = keyterms(terms, "keyterm")
         if "engine" in query:
             self._native["engine"] = query["engine"]
             self.model_info["arch"] = query["engine"]
@@ -179,7 +189,8 @@ class DeepgramDialect:
         if kind == "CloseStream":
             return self._close(), []
         if kind == "Configure":
-            return [], [self._configure(message)]
+            natives, answer = self._configure(message)
+            return natives, [answer]
         return [], [self._error("UNKNOWN_MESSAGE", f"unknown message type {str(kind)[:100]!r}: expected "
                                 "KeepAlive, Finalize, CloseStream or Configure (audio goes in binary frames)")]
 
@@ -187,17 +198,28 @@ class DeepgramDialect:
         self._closed = True
         return [{"type": "end"}]
 
-    def _configure(self, message: dict[str, Any]) -> dict[str, Any]:
-        if message.get("keyterms") is not None:
-            return {"type": "ConfigureFailure", "request_id": self.request_id,
-                    "code": "CONFIGURE_KEYTERMS_NOT_SUPPORTED", "description": "keyterms are not supported here"}
+    def _configure(self, message: dict[str, Any]) -> tuple[list[Native], dict[str, Any]]:
+        """A ``Configure``: (native messages, its answer). ``keyterms`` become the session's (native
+        ``config``) for the utterances decoded after it; the whole message fails if any part is bad."""
         features = message.get("features") or {}
         if not isinstance(features, dict) or not all(isinstance(v, bool) for v in features.values()):
-            return {"type": "ConfigureFailure", "request_id": self.request_id, "code": "CONFIGURE_INTERNAL_ERROR",
-                    "description": "features must map feature names to true or false"}
+            return [], self._configure_failure("features must map feature names to true or false")
+        natives: list[Native] = []
+        terms = message.get("keyterms")
+        if terms is not None:
+            if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+                return [], self._configure_failure("keyterms must be a list of strings")
+            try:
+                natives.append({"type": "config", "keyterms": keyterms(terms, "keyterms")})
+            except ConfigError as exc:
+                return [], self._configure_failure(exc.reason)
         if "punctuate" in features or "smart_format" in features:
             self.punctuate = bool(features.get("punctuate") or features.get("smart_format"))
-        return {"type": "ConfigureSuccess", "request_id": self.request_id}
+        return natives, {"type": "ConfigureSuccess", "request_id": self.request_id}
+
+    def _configure_failure(self, description: str) -> dict[str, Any]:
+        return {"type": "ConfigureFailure", "request_id": self.request_id, "code": "CONFIGURE_INTERNAL_ERROR",
+                "description": description}
 
     # --- server → client --------------------------------------------------------------
 

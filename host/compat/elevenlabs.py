@@ -14,6 +14,8 @@ Query parameters (at connect time):
   engine's default model is used; any other value is passed on as the native ``model``.
 - ``language_code``: ISO 639-1 or 639-3 (``en``/``eng``); absent → detected (``auto``).
 - ``include_timestamps``: also send ``committed_transcript_with_timestamps`` (words and spacing).
+- ``keyterms`` (repeated, as the SDK sends them) → native ``keyterms`` (500 characters in all), echoed
+  in ``session_started``.
 - ``engine``: an extension, the native engine id.
 - VAD commits (``commit_strategy=vad``) end where the native endpointing ends an utterance: by the
   engine's turn detector (native ``endpointing=turn``), or, when the client sets
@@ -21,7 +23,7 @@ Query parameters (at connect time):
   ``silence_ms``). Validated and echoed in ``session_started`` but not applied (the engine's own
   endpointing options apply): ``vad_threshold`` (0.1–0.9), ``min_speech_duration_ms`` and
   ``min_silence_duration_ms`` (50–2000). Accepted and ignored:
-  ``enable_logging``, ``include_language_detection``, ``keyterms``, ``no_verbatim``, the entity
+  ``enable_logging``, ``include_language_detection``, ``no_verbatim``, the entity
   and edit options, ``token`` (an API key here, checked by the server like ``xi-api-key``).
 
 Client messages: ``input_audio_chunk`` ``{audio_base_64, commit, sample_rate, previous_text}``.
@@ -45,7 +47,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from host.compat import BadMessage, Native, audio_frames, decode_base64, parse_json_object, query_flag
+from host.compat import (
+    BadMessage,
+    Native,
+    audio_frames,
+    decode_base64,
+    keyterms,
+    parse_json_object,
+    query_flag,
+    query_values,
+)
 from host.hookspecs import hookimpl
 from host.protocol import ConfigError
 
@@ -121,11 +132,16 @@ class ElevenLabsDialect:
             native["language"] = ISO_639_3.get(language, language)
         if "engine" in query:
             native["engine"] = query["engine"]
+        terms = query_values(query, "keyterms")  # repeated, as the SDK sends them
+        if terms:
+            native["keyterms"] = keyterms(terms, "keyterms")
         self.config = {"sample_rate": self.rate, "audio_format": fmt, "language_code": language or None,
                        "commit_strategy": strategy, "model_id": model,
                        "include_timestamps": self.timestamps,
                        "include_language_detection": query_flag(query, "include_language_detection", False),
                        "enable_logging": query_flag(query, "enable_logging", True)}
+        if terms:
+            self.config["keyterms"] = terms
         for name, (low, high, default, kind) in NUMBER_OPTIONS.items():
             self.config[name] = _number(query, name, low, high, default, kind)
         if not self.manual and "vad_silence_threshold_secs" in query:

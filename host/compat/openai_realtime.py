@@ -133,14 +133,20 @@ class OpenAIRealtimeDialect(SessionConfig):
         update = self.parse_update(event.get("session", MISSING))
         natives: list[Native] = []
         if update.transcription is not None:
+            change: dict[str, Any] = {}
+            prompt = update.transcription.get("prompt", MISSING)
+            if isinstance(prompt, str) and prompt != self.transcription.get("prompt"):
+                change["prompt"] = prompt  # the decoder's prompt (faster-whisper's initial_prompt)
             for key in ("model", "prompt"):
                 if key in update.transcription:
                     self.transcription[key] = update.transcription[key]
             if update.language is not MISSING and update.language != self.transcription["language"]:
                 self.transcription["language"] = update.language
-                natives.append({"type": "config", "language": update.language or "auto"})
+                change["language"] = update.language or "auto"
+            if change:
+                natives.append({"type": "config", **change})
                 self._cause = (kind, self._cause[1] if self._cause else None,
-                               update.transcription_param + ".language")
+                               update.transcription_param + (".language" if "language" in change else ".prompt"))
         if update.turn_detection is not MISSING:
             self._switch(None if update.turn_detection is None else {**DEFAULT_VAD, **update.turn_detection})
             if self.turn_detection is not None:

@@ -21,7 +21,11 @@ validates one whole (an error applies none of it) and the dialect applies the re
   ``eagerness`` → ``endpointing=turn`` with that eagerness (the engine's turn detector);
   ``server_vad`` (OpenAI's default, so also at connect) → ``endpointing=silence`` with
   ``silence_ms`` = ``silence_duration_ms`` (default 500, held to 100-10000).
-- Not applied (echoed back only): ``transcription.model``/``prompt``, the other VAD tuning
+- ``transcription.prompt`` → native ``{"type": "config", "prompt": ...}`` (the decoder's prompt, for
+  the utterances decoded after it; an engine that declares no changeable ``prompt`` refuses it).
+- A language the session's variant does not serve (``de`` on ``fast``) moves it to one that does,
+  unless the connect query named a native ``model``.
+- Not applied (echoed back only): ``transcription.model``, the other VAD tuning
   (``threshold``, ``prefix_padding_ms``: the engine's endpointing options apply),
   ``noise_reduction``, ``include`` (no logprobs), all conversation fields.
 - A format other than the connection's gets an ``error`` (it cannot change mid-session).
