@@ -254,3 +254,38 @@ def test_a_router_places_a_language_on_a_worker_whose_variant_serves_it():
     assert record.serves(None, "accurate", "de,es") and record.serves(None, "fast", "en")
     assert not record.serves(None, "fast", "de") and not record.serves(None, "accurate", "fr")
     assert record.serves(None, "fast", "auto") and record.serves("e", None, None)
+
+
+async def test_keyterms_bring_out_names_the_model_misses(idle_worker):
+    """Whisper base writes "Carpaneo" and "machade" for these names on its own (bench/keyterms.py);
+    given as keyterms (faster-whisper's hotwords), they come out. Set at connect, or by a config."""
+    clips = multi_manifest()
+    cases = {"es-fleurs-004": "Carpanedo", "fr-fleurs-004": "Mashhad"}
+
+    async def transcript(clip_id: str, **params) -> str:
+        clip = clips[clip_id]
+        url = session_url(idle_worker.url, model="accurate", language=clip.language, **params)
+        result = await stream(url, concat(read_wav(clip.path), silence(1.0)), speed=None)
+        assert not result.of("error"), result.of("error")
+        return result.end["transcript"]
+
+    without = {clip_id: await transcript(clip_id) for clip_id in cases}
+    assert any(name.lower() not in without[clip_id].lower() for clip_id, name in cases.items()), without
+    for clip_id, name in cases.items():
+        said = await transcript(clip_id, keyterms=f"{name},Kowloon")
+        assert name.lower() in said.lower(), said
+        reference = clips[clip_id].reference
+        language = clips[clip_id].language
+        assert field_errors(reference, said, language).errors <= field_errors(reference, without[clip_id], language).errors
+    # Mid-session: the utterances decoded after the config get them.
+    clip = clips["es-fleurs-004"]
+    async with connect(session_url(idle_worker.url, model="accurate", language="es"), max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "config", "keyterms": "Carpanedo"}))
+        audio = concat(read_wav(clip.path), silence(1.0))
+        for i in range(0, len(audio.pcm), 6400):
+            await ws.send(audio.pcm[i:i + 6400])
+        await ws.send(json.dumps({"type": "end"}))
+        messages = [json.loads(m) async for m in ws]
+    assert not [m for m in messages if m["type"] == "error"], messages
+    assert "carpanedo" in messages[-1]["transcript"].lower(), messages[-1]
