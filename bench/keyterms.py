@@ -91,8 +91,8 @@ def main() -> None:
             text = fast.transcribe(samples(SHARED / "speech" / r["path"]), language="en", word_timestamps=False,
                                    options=options(way, UNRELATED)).text
             errors += field_errors(r["reference"], text, "en")
-        print(f"English dev set ({len(english)} clips), fast, {way} {'(unrelated: ' + ','.join(UNRELATED) + ')' if way != 'none' else ''}: "
-              f"WER {errors.wer:.4f} over {errors.words} words")
+        given = f"(unrelated: {','.join(UNRELATED)})" if way != "none" else ""
+        print(f"English dev set ({len(english)} clips), fast, {way} {given}: WER {errors.wer:.4f} over {errors.words} words")
 
 
 if __name__ == "__main__":
