@@ -165,7 +165,16 @@ def test_microphone_session(browser, worker, mic_audio, tmp_path):
     assert page.eval_on_selector_all("#engine option", "os => os.map(o => o.value)") == [e["id"] for e in engines]
     assert (page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
             == engines[0]["capabilities"]["models"])
-    assert "en" in page.eval_on_selector_all("#language option", "os => os.map(o => o.value)")
+    languages = 'os => os.map(o => o.value)'
+    # Each variant offers the languages it serves: fast (tiny.en) English only, accurate detection and 99.
+    assert page.eval_on_selector_all("#language option", languages) == ["en"]
+    page.select_option("#model", "accurate")
+    offered = page.eval_on_selector_all("#language option", languages)
+    assert offered[0] == "auto" and {"de", "es", "fr", "pt"} <= set(offered), offered
+    assert "German (de)" in page.inner_text("#language")
+    assert "Whisper base" in page.inner_text("#model")
+    page.select_option("#model", "fast")
+    assert page.eval_on_selector_all("#language option", languages) == ["en"]
     page.check("#words")
     page.evaluate(OBSERVE)
 
