@@ -213,7 +213,8 @@ async def test_malformed_messages_get_deepgram_errors(idle_worker):
     ("encoding=linear16&multichannel=true", None, "multichannel:"),
     ("encoding=linear16&endpointing=soon", None, "endpointing:"),
     ("encoding=linear16&sample_rate=7000", None, "sample_rate:"),
-    ("encoding=linear16&language=de", None, "language:"),
+    ("encoding=linear16&language=zz", None, "language:"),
+    ("encoding=linear16&model=fast&language=de", None, "language:"),
     ("", b"ID3\x04\x00 an mp3 stream", "must be a WAV stream"),
     ("", b"RIFF\x00\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x55\x00\x01\x00\x80\x3e\x00\x00\x00\x7d\x00\x00\x02\x00"
          b"\x10\x00data\x00\x00\x00\x00", "WAV format 85"),

@@ -232,7 +232,8 @@ async def test_malformed_messages_get_elevenlabs_errors(idle_worker):
                                           ("commit_strategy=auto", "commit_strategy"),
                                           ("vad_threshold=2", "vad_threshold"),
                                           ("include_timestamps=maybe", "include_timestamps"),
-                                          ("language_code=de", "language")])
+                                          ("language_code=zz", "language"),
+                                          ("model_id=fast&language_code=deu", "language")])
 async def test_bad_connect_parameters_are_refused(idle_worker, query, param):
     async with connect(f"{idle_worker.url}{PATH}?model_id=scribe_v2_realtime&{query}") as ws:
         reply = json.loads(await ws.recv())

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from host.client import concat, read_wav, silence
 from host.compat.openai_realtime import OpenAIRealtimeDialect
-from host.wer import WerCounts, word_errors
+from host.wer import WerCounts, field_errors, word_errors
 from tests.support import b64, chunks, mulaw8k, pcm24, run_compat_snippet
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -117,6 +117,34 @@ async def test_sdk_server_vad_stream_wer_and_event_order(idle_worker, speech_by_
     counts = word_errors(" ".join(u.reference for u in utts), transcript)
     print(f"OpenAI SDK, server VAD: WER {counts.wer:.3f} over {counts.words} words: {transcript!r}")
     assert counts.wer <= 0.25, transcript
+
+
+async def test_sdk_german_by_session_update(idle_worker):
+    """An OpenAI app sets the language with session.update after connecting: the default (English)
+    session moves to a variant that serves German, and the German clip comes back in German."""
+    from tests.test_languages import multi_manifest
+
+    clip = multi_manifest()["de-fleurs-004"]
+    audio = concat(silence(0.5), read_wav(clip.path), silence(1.5))
+    async with client_for(idle_worker).realtime.connect(
+            model="gpt-4o-transcribe", extra_query={"intent": "transcription"}) as conn:
+        events = Events(conn)
+        await events.next("session.created", 0)
+        await conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"model": "gpt-4o-transcribe", "language": "de", "prompt": "Mekka"}}}})
+        updated = await events.next("session.updated", 0)
+        assert updated.session.audio.input.transcription.language == "de"
+        for piece in chunks(pcm24(audio)):
+            await conn.input_audio_buffer.append(audio=b64(piece))
+        mark = len(events.items)
+        await conn.session.update(session={"type": "transcription"})
+        await events.next("session.updated", mark)
+        await events.until(lambda: len(events.of(COMPLETED)) >= max(1, len(events.of("input_audio_buffer.committed"))))
+        events.task.cancel()
+    assert not events.of("error"), events.of("error")
+    transcript = " ".join(e.transcript for e in events.of(COMPLETED))
+    counts = field_errors(clip.reference, transcript, "de")
+    assert counts.wer <= 0.2, transcript
 
 
 async def test_sdk_beta_manual_commit_one_item_per_commit(idle_worker, speech_by_id):
@@ -256,9 +284,9 @@ async def test_malformed_events_get_openai_errors(idle_worker):
             assert reply["error"]["message"]
         await ws.send(b"\xff\xfe binary")
         assert json.loads(await ws.recv())["error"]["code"] == "invalid_json"
-        # A language the engine refuses: applied as native config, refused by the session.
+        # A language no variant serves: applied as native config, refused by the session.
         await ws.send(json.dumps({"type": "session.update", "event_id": "evt_lang", "session": {
-            "type": "transcription", "audio": {"input": {"transcription": {"language": "de"}}}}}))
+            "type": "transcription", "audio": {"input": {"transcription": {"language": "zz"}}}}}))
         assert json.loads(await ws.recv())["type"] == "session.updated"
         reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert reply["type"] == "error" and reply["error"]["code"] == "invalid_config", reply

@@ -200,7 +200,7 @@ BROKEN_JSON = [
 ]
 UNKNOWN_TYPES = ["dance", "FLUSH", "Flush", "flush ", " end", "", "end\u0000", "session.end", "transcript.final",
                  "config.", "ｆｌｕｓｈ", "clear\n", "flush.done", "session.begin", "error", "ping", "END", "x" * 300]
-BAD_LANGUAGES = [5, None, [], {}, True, 1.5, ["en"], {"code": "en"}, "de", "EN", "english", "e", "en\n", "",
+BAD_LANGUAGES = [5, None, [], {}, True, 1.5, ["en"], {"code": "en"}, "qq", "EN", "english", "e", "en\n", "",
                  "auto ", " en", "fra", "zz", "en-US", "en_US", "\u00e9n", "a" * 40]
 EXTRA_FIELDS = ["model", "interim_results", "word_timestamps", "enable_vad", "encoding", "sample_rate", "channels",
                 "x", "", "Language", "type2", "lang", "languages"]

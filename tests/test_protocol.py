@@ -94,7 +94,8 @@ async def test_session_begin_applies_defaults(idle_worker):
 
 @pytest.mark.parametrize("query, param", [
     ({"model": "huge"}, "model"),
-    ({"language": "de"}, "language"),
+    ({"model": "fast", "language": "de"}, "language"),  # without model, a variant serving de is chosen
+    ({"language": "zz"}, "language"),
     ({"word_timestamps": "maybe"}, "word_timestamps"),
     ({"sample_rate": "4000"}, "sample_rate"),
     ({"encoding": "mp3"}, "encoding"),
@@ -155,7 +156,7 @@ async def test_bad_messages_are_recoverable(idle_worker, speech_by_id):
         await ws.send("{not json")
         await ws.send(json.dumps({"type": "dance"}))
         await ws.send(json.dumps(["type", "flush"]))
-        await ws.send(json.dumps({"type": "config", "model": "accurate"}))
+        await ws.send(json.dumps({"type": "config", "word_timestamps": True}))
         await ws.send(json.dumps({"type": "config", "language": "xx"}))
         await ws.send(audio.pcm[half:])
         await ws.send(json.dumps({"type": "end"}))
