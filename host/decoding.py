@@ -86,6 +86,7 @@ class UtteranceDecoder:
         self._previous_end = -1  # end sample of the last utterance
         self._speculative: _Speculation | None = None
         self._agreement = LocalAgreement()
+        self._partial_language: str | None = None  # of the open utterance's last partial
         self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
         self._early: tuple[int, int, Ticket, float] | None = None  # (start, end, job, asked at): a first partial
@@ -144,6 +145,7 @@ class UtteranceDecoder:
         self._utterance = (uid, sample)
         self._next_utterance += 1
         self._agreement = LocalAgreement()
+        self._partial_language = None
         self._partial_from = sample
         early, self._early = self._early, None
         if early is not None and early[0] == sample:  # decoding since before the utterance opened
@@ -353,6 +355,8 @@ class UtteranceDecoder:
         never follows its speech_end or final."""
         if result is None or not self.interim_results or self.open_utterance != uid:
             return
+        if result.language != self._partial_language:  # words agreed in another language are not kept
+            self._agreement, self._partial_language = LocalAgreement(), result.language
         text = self._agreement.update(result.text)
         if text:
             await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))

@@ -118,6 +118,11 @@ def test_the_host_decides_and_the_model_transcribes_in_that_language():
     options = SessionOptions(previous_language="en")
     AsrCall(unsure, TranscribeRequest(audio[:8000], None, False, options=options), component="asr 'test'")()
     assert unsure.asked == ["en"]
+    # A partial of the same short audio follows its own evidence (the ordinary 0.6), so the first words
+    # after a switch are not shown rendered in the previous language; the final still keeps it.
+    AsrCall(unsure, TranscribeRequest(audio[:8000], None, False, partial=True, options=options),
+            component="asr 'test'")()
+    assert unsure.asked == ["en", "es"]
 
 
 # --- per-variant languages on a real worker -------------------------------------------------------
