@@ -53,7 +53,7 @@ def test_default_engine_is_valid(plugins):
     engines, errors = load_engines(ENGINES, plugins)
     assert errors == []
     (engine,) = engines
-    assert engine.models == ["fast", "accurate"]
+    assert engine.models == ["fast", "accurate", "multilingual"]
     assert engine.pipeline["vad"].endpointing["threshold"] == 0.5
     assert engine.pipeline["vad"].options == {"backend": "numpy", "model_file": None}
     assert engine.pipeline["asr"].options["models"]["accurate"]["beam_size"] == 5

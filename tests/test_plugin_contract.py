@@ -40,7 +40,8 @@ def copy_of_default(engine_id: str, languages=("en",)) -> dict:
     data["capabilities"].update(languages=list(languages), models=["fast"])
     data["capabilities"].pop("variants", None)
     data["config_schema"]["properties"]["model"]["enum"] = ["fast"]
-    del data["pipeline"]["asr"]["options"]["models"]["accurate"]
+    models = data["pipeline"]["asr"]["options"]["models"]
+    data["pipeline"]["asr"]["options"]["models"] = {"fast": models["fast"]}
     return data
 
 

@@ -73,7 +73,7 @@ def test_engines_endpoint(worker):
     assert status == 200
     (engine,) = body
     assert engine["id"] == "whisper-streaming"
-    assert engine["capabilities"]["models"] == ["fast", "accurate"]
+    assert engine["capabilities"]["models"] == ["fast", "accurate", "multilingual"]
     assert engine["config_schema"]["properties"]["model"]["default"] == "fast"
 
 

@@ -37,10 +37,10 @@ async def test_worker_registers_heartbeats_and_records_sessions(tmp_path, redis_
         assert fields["endpoint"] == worker.url
         assert fields["capacity"] == "2" and fields["active_sessions"] == "0"
         assert json.loads(fields["engines"]) == ["whisper-streaming"]
-        assert json.loads(fields["models"]) == ["accurate", "fast"]
+        assert json.loads(fields["models"]) == ["accurate", "fast", "multilingual"]
         catalog = json.loads(fields["catalog"])
         assert list(catalog) == ["whisper-streaming"]
-        assert catalog["whisper-streaming"]["capabilities"]["models"] == ["fast", "accurate"]
+        assert catalog["whisper-streaming"]["capabilities"]["models"] == ["fast", "accurate", "multilingual"]
         assert catalog["whisper-streaming"]["endpointing"]["endpoint_silence_s"] == 0.5
         assert json.loads(fields["memory"])["rss_bytes"] > 0
         assert float(fields["started_at"]) <= float(fields["last_heartbeat"]) <= time.time() + 1

@@ -259,7 +259,8 @@ def write_turn_engine(directory: Path, turn: dict) -> Path:
     # tiny.en alone: Whisper base, a model:... file too, would fail first where MODELS_DIR is empty
     data["capabilities"]["models"] = ["fast"]
     data["config_schema"]["properties"]["model"]["enum"] = ["fast"]
-    del data["pipeline"]["asr"]["options"]["models"]["accurate"]
+    models = data["pipeline"]["asr"]["options"]["models"]
+    data["pipeline"]["asr"]["options"]["models"] = {"fast": models["fast"]}
     directory.mkdir(exist_ok=True)
     path = directory / "smart-turn.yaml"
     path.write_text(yaml.safe_dump(data))
