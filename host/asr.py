@@ -83,13 +83,8 @@ def decide_language(model: AsrModel, request: TranscribeRequest) -> tuple[Transc
     probabilities = model.detect_language(request.audio)  # type: ignore[attr-defined]
     if not isinstance(probabilities, Mapping):
         raise TypeError(f"detect_language returned {type(probabilities).__name__}, not a mapping of probabilities")
-    seconds = len(request.audio) / SAMPLE_RATE
-    if request.partial:
-        # A partial is replaced by the next: it follows the utterance's own evidence with the
-        # ordinary threshold, so that the first words after a language switch are not shown
-        # rendered in the previous language (bench/results/README.md, "Languages").
-        seconds = max(seconds, languages.DEFAULT_RULE.short_s)
-    decision = languages.decide(probabilities, request.languages, request.options.previous_language, seconds)
+    decision = languages.decide(probabilities, request.languages, request.options.previous_language,
+                                len(request.audio) / SAMPLE_RATE, partial=request.partial)
     if decision is None:  # none of the candidates is known to the model: let it decide
         return request, None
     return replace(request, language=decision.language), decision

@@ -101,7 +101,7 @@ class SessionControl(SessionLimits):
             self.decoding.use_model(variant, self.services.scheduler.queue_for(variant.key, variant.parallelism))
             self.config.model = self.decoding.config["model"] = model
         if "language" in changes:
-            self.decoding.language = self.decoding.config["language"] = changes.pop("language")
+            self.decoding.config["language"] = changes.pop("language")
         for name in [n for n in changes if n not in CHANGEABLE]:  # the engine's own: the model's next jobs read them
             self.config.extra[name] = self.decoding.config[name] = changes.pop(name)
         if changes:

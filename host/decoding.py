@@ -22,7 +22,7 @@ from host import languages
 from host import protocol as msg
 from host.asr import AsrCall, ComponentFailure, StreamCall, StreamState, brief, session_options, streams
 from host.audio import AudioBuffer
-from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, TranscribeRequest, Utterance
+from host.contracts import SAMPLE_RATE, AsrModel, AsrResult, SessionOptions, TranscribeRequest, Utterance
 from host.metrics import Metrics
 from host.partials import LocalAgreement
 from host.scheduler import FINAL, PARTIAL, SPECULATIVE, InferenceQueue, Ticket
@@ -59,7 +59,6 @@ class UtteranceDecoder:
         self.component = component
         self.config = dict(config)
         self.session_id = session_id
-        self.language: str = self.config.get("language") or "auto"
         self.previous_text = ""
         """The text of the session's most recent delivered final, for the model's options."""
         self.previous_language: str | None = None
@@ -106,7 +105,12 @@ class UtteranceDecoder:
                                     self.options(), languages.candidates(self.language))
         return AsrCall(self.model, request, component=self.component)
 
-    def options(self):
+    @property
+    def language(self) -> str:
+        """The session's ``language`` (``auto``, a code or candidates), as its config holds it now."""
+        return self.config.get("language") or "auto"
+
+    def options(self) -> SessionOptions:
         """The session's options as its next job sees them."""
         return session_options(self.config, previous_text=self.previous_text, session_id=self.session_id,
                                previous_language=self.previous_language)

@@ -50,6 +50,11 @@ def candidates(value: str) -> tuple[str, ...]:
     return codes if len(codes) > 1 else ()
 
 
+def shown(codes: Sequence[str], limit: int = 12) -> str:
+    """Language codes for a message: the first ``limit``, then how many there are in all."""
+    return ", ".join(codes[:limit]) + (f", ... ({len(codes)} in all)" if len(codes) > limit else "")
+
+
 @dataclass(frozen=True)
 class SwitchRule:
     """When an utterance may change the session's language.
@@ -75,11 +80,13 @@ class Decision:
 
 
 def decide(probabilities: Mapping[str, float], allowed: Sequence[str], previous: str | None, seconds: float,
-           rule: SwitchRule = DEFAULT_RULE) -> Decision | None:
+           rule: SwitchRule = DEFAULT_RULE, partial: bool = False) -> Decision | None:
     """The language of one utterance of ``seconds`` from the model's ``probabilities``.
 
     Only ``allowed`` languages count (all the model gave, when empty); their probabilities are
-    renormalised to sum to 1. None when the model gave none of them."""
+    renormalised to sum to 1. None when the model gave none of them. A ``partial`` (replaced by the
+    next) needs only ``switch_probability`` whatever its length, so that the first words after a
+    language switch are not shown rendered in the previous language (bench/results/README.md)."""
     scores = {code: float(p) for code, p in probabilities.items() if (not allowed or code in allowed) and p >= 0}
     total = sum(scores.values())
     if not scores or total <= 0:
@@ -87,7 +94,8 @@ def decide(probabilities: Mapping[str, float], allowed: Sequence[str], previous:
     scores = {code: p / total for code, p in scores.items()}
     best = max(scores, key=lambda code: scores[code])
     if previous is not None and previous in scores and best != previous:
-        needed = rule.short_switch_probability if seconds < rule.short_s else rule.switch_probability
+        short = seconds < rule.short_s and not partial
+        needed = rule.short_switch_probability if short else rule.switch_probability
         if scores[best] < needed:
             best = previous
     return Decision(best, scores[best])

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from host import asr
+from host import asr, languages
 from host.contracts import AsrEngine, Assembler, LoadContext, TurnDetector, VadModel
 from host.endpointing import EndpointingOptions
 from host.engines import COMPONENT_KIND, EngineSpec
@@ -266,10 +266,9 @@ def check_contracts(spec: EngineSpec, built: dict[str, Any]) -> list[tuple[str, 
     nowhere = set.intersection(*(set(v) for v in unserved.values())) if unserved else set()
     for name, missing in unserved.items():
         if nowhere & set(missing):
-            served = sorted(asr.model_languages(variants[name]) or [])
-            shown = ", ".join(served[:12]) + (f", ... ({len(served)} in all)" if len(served) > 12 else "")
+            declared = languages.shown(sorted(asr.model_languages(variants[name]) or []))
             problems.append(("asr", f"variant {name!r}: capabilities.languages names {sorted(nowhere)}, which the "
-                                    f"model does not transcribe (it declares: {shown}), nor does any other variant's"))
+                                    f"model does not transcribe (it declares: {declared}), nor does any other variant's"))
             break
     if not problems:
         spec.served = {name: served_languages(spec, variants[name]) for name in spec.models}

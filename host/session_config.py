@@ -125,8 +125,7 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
     model = session.get("model") or engine.models[0]
     if "model" not in values:  # the client named no variant: one that serves its languages
         model = variant_for(engine, model, session["language"])
-    if model not in engine.models:
-        raise ConfigError("model", f"unknown model {model!r} (engine {engine.id!r} has {', '.join(engine.models)})")
+    check_model(model, engine)
     language = check_language(session["language"], engine, model)
     core = set(CORE_SCHEMA["properties"])
     return SessionConfig(
@@ -179,14 +178,19 @@ def check_change(name: str, value: Any, engine: EngineSpec, model: str | None = 
     if name == "language":
         return check_language(value, engine, model)
     if name == "model":
-        if not isinstance(value, str) or value not in engine.models:
-            raise ConfigError("model", f"unknown model {value!r} (engine {engine.id!r} has {', '.join(engine.models)})")
-        return value
+        return check_model(value, engine)
     schema = CORE_SCHEMA["properties"].get(name) or engine.config_schema["properties"][name]
     found = problems({"type": "object", "properties": {name: schema}}, {name: value})
     if found:
         raise ConfigError(name, found[0].message)
     return effective_endpointing(value, engine) if name == "endpointing" else value
+
+
+def check_model(model: Any, engine: EngineSpec) -> str:
+    """``model`` if it is one of the engine's variants, else :class:`ConfigError` naming ``model``."""
+    if not isinstance(model, str) or model not in engine.models:
+        raise ConfigError("model", f"unknown model {model!r} (engine {engine.id!r} has {', '.join(engine.models)})")
+    return model
 
 
 def check_language(language: Any, engine: EngineSpec, model: str | None = None) -> str:
@@ -200,10 +204,9 @@ def check_language(language: Any, engine: EngineSpec, model: str | None = None) 
         raise ConfigError("language", str(exc)) from None
     unserved = engine.unserved_languages(codes, model)
     if unserved:
-        served = engine.languages_of(model)
-        shown = ", ".join(served[:20]) + (f", ... ({len(served)} in all)" if len(served) > 20 else "")
         which = f"model {model!r} of engine {engine.id!r}" if model else f"engine {engine.id!r}"
-        raise ConfigError("language", f"{which} does not support {', '.join(map(repr, unserved))} (supports {shown})")
+        raise ConfigError("language", f"{which} does not support {', '.join(map(repr, unserved))} "
+                                      f"(supports {languages.shown(engine.languages_of(model), 20)})")
     return languages.canonical(language)
 
 

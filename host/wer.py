@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -99,12 +101,19 @@ def field_errors(reference: str, hypothesis: str, language: str | None = "en") -
     languages, then jiwer's alignment. :func:`word_errors` is this project's older hand-written count
     (bench/results/README.md shows both on the dev set)."""
     import jiwer
-    from whisper_normalizer.basic import BasicTextNormalizer
-    from whisper_normalizer.english import EnglishTextNormalizer
 
-    normalize_text = EnglishTextNormalizer() if language in (None, "en") else BasicTextNormalizer()
+    normalize_text = _normalizer(language in (None, "en"))
     ref, hyp = normalize_text(reference).split(), normalize_text(hypothesis).split()
     if not ref:
         return WerCounts(len(hyp), 0)
     out = jiwer.process_words(" ".join(ref), " ".join(hyp) or "")
     return WerCounts(out.substitutions + out.deletions + out.insertions, len(ref))
+
+
+@cache
+def _normalizer(english: bool) -> Callable[[str], str]:
+    """Whisper's English or basic normaliser, made once (the English one reads its spelling table)."""
+    from whisper_normalizer.basic import BasicTextNormalizer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer() if english else BasicTextNormalizer()

@@ -125,8 +125,7 @@ class DeepgramDialect:
         elif query_flag(query, "detect_language", False):
             self._native["language"] = "auto"
         # keyterm (nova-3) and keywords (word or word:boost, older models) both name words to favour
-        terms = query_values(query, "keyterm") + [k.rsplit(":", 1)[0] if _BOOST.search(k) else k
-                                                  for k in query_values(query, "keywords")]
+        terms = query_values(query, "keyterm") + [_BOOST.sub("", k) for k in query_values(query, "keywords")]
         if terms:
             self._native["keyterms"] = keyterms(terms, "keyterm")
         if "engine" in query:
