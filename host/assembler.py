@@ -9,6 +9,7 @@ recognized on both sides), and keeps the segment list for ``session.end``.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from host.contracts import AsrResult, Segment, Utterance, Word
 from host.hookspecs import hookimpl
@@ -58,7 +59,7 @@ class SessionTranscript:
         return list(self._segments)
 
     def add(self, utterance: Utterance, result: AsrResult) -> Segment | None:
-        words = [self._to_session(w, utterance) for w in result.words]
+        words = _within_speech([self._to_session(w, utterance) for w in result.words], utterance)
         contiguous = self._last_end is not None and abs(utterance.start - self._last_end) < 1e-6
         if contiguous and words:
             words = self._drop_repeated_head(words, utterance.start)
@@ -108,6 +109,23 @@ class SessionTranscript:
             if [_norm(w.word) for w in head] == prev_norm[-n:]:
                 return words[n:]
         return words
+
+
+def _within_speech(words: list[Word], utterance: Utterance) -> list[Word]:
+    """``words`` with the first one starting no earlier, and the last one ending no later, than
+    the VAD heard speech. Whisper's alignment gives the first word the leading silence (it starts
+    at the pre-roll's first sample in nearly every utterance: 0.2-0.3 s early), and stretches the
+    last one into the post-roll."""
+    if not words:
+        return words
+    words = list(words)
+    if utterance.speech_start is not None:
+        first = words[0]
+        words[0] = replace(first, start=round(min(max(first.start, utterance.speech_start), first.end), 3))
+    if utterance.speech_end is not None:
+        last = words[-1]
+        words[-1] = replace(last, end=round(max(min(last.end, utterance.speech_end), last.start), 3))
+    return words
 
 
 @hookimpl

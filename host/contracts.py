@@ -53,6 +53,10 @@ class Utterance:
     """Session time (seconds) of the first sample."""
     end: float
     """Session time (seconds) after the last sample."""
+    speech_start: float | None = None
+    """Where the VAD heard the speech begin (``start`` plus the pre-roll); None: at ``start``."""
+    speech_end: float | None = None
+    """Where the VAD last heard speech (``end`` less the post-roll); None: at ``end`` (a cut)."""
 
 
 @dataclass

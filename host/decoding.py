@@ -86,6 +86,7 @@ class UtteranceDecoder:
         self._speculative: _Speculation | None = None
         self._agreement = LocalAgreement()
         self._partial_language: str | None = None  # of the open utterance's last partial
+        self._onset = 0  # where the VAD heard the open utterance's speech begin
         self._partial: tuple[int, Ticket] | None = None  # (utterance id, job): one partial in flight
         self._partial_from = 0  # buffer position the last partial request covered
         self._early: tuple[int, int, Ticket, float] | None = None  # (start, end, job, asked at): a first partial
@@ -142,9 +143,10 @@ class UtteranceDecoder:
             (self.model, self.queue), self._next_model = self._next_model, None
             self.streaming = streams(self.model)
 
-    def start(self, sample: int) -> int:
-        """Speech started at ``sample``: open the next utterance; its id."""
+    def start(self, sample: int, onset: int | None = None) -> int:
+        """Speech started at ``sample`` (heard from ``onset``): open the next utterance; its id."""
         self._switch_model()
+        self._onset = sample if onset is None else onset
         uid = self._next_utterance
         self._utterance = (uid, sample)
         self._next_utterance += 1
@@ -226,10 +228,14 @@ class UtteranceDecoder:
             self._withdraw_feed(state)
             self._submit(state.job(self.buffer.slice(end, end), close=True), PARTIAL)
 
-    def finalize(self, uid: int, start: int, end: int, cut: bool = False) -> tuple[Utterance, Ticket]:
-        """The closed utterance ``start:end`` and its final decode: the speculative one when it
-        decoded exactly this, else a new FINAL job. ``cut``: it ended other than by a pause."""
-        utterance = Utterance(uid, start / SAMPLE_RATE, end / SAMPLE_RATE)
+    def finalize(self, uid: int, start: int, end: int, cut: bool = False,
+                 heard: int | None = None) -> tuple[Utterance, Ticket]:
+        """The closed utterance ``start:end`` (speech last heard at ``heard``) and its final decode:
+        the speculative one when it decoded exactly this, else a new FINAL job. ``cut``: it ended
+        other than by a pause."""
+        onset = min(max(self._onset, start), end)
+        utterance = Utterance(uid, start / SAMPLE_RATE, end / SAMPLE_RATE, onset / SAMPLE_RATE,
+                              None if heard is None else heard / SAMPLE_RATE)
         self.speech_seconds += utterance.end - utterance.start
         self.metrics.speech_seconds.inc(utterance.end - utterance.start)
         words = self.wants_words(start, cut)
@@ -363,7 +369,8 @@ class UtteranceDecoder:
             self._agreement, self._partial_language = LocalAgreement(), result.language
         text = self._agreement.update(result.text)
         if text:
-            await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE))
+            await self.send(msg.transcript_partial(uid, text, start / SAMPLE_RATE, end / SAMPLE_RATE,
+                                                   self._agreement.stable_text))
             self.metrics.partial_latency.observe(time.monotonic() - asked_at)
 
     def _partial_failed(self, uid: int, exc: Exception) -> None:

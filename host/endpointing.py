@@ -19,6 +19,8 @@ from host.endpointing_options import EndpointingOptions, TurnPolicy
 class SpeechStart:
     sample: int
     """Where the utterance begins (pre-roll included)."""
+    onset: int | None = None
+    """Where the VAD heard its speech begin (None: at ``sample``, as after a cut)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class SpeechEnd:
     reason: str
     """``silence``, ``turn`` (the turn detector judged the turn complete), ``max_length``, ``flush``
     or ``clear``."""
+    heard: int | None = None
+    """Where the VAD last heard speech, post-roll not included (None: at ``sample``)."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class Endpointer:
         """
         events: list[Event] = []
         if self._state == _PENDING:
-            self._open(max(self._floor, self._onset - self._preroll), events)
+            self._open(max(self._floor, self._onset - self._preroll), events, self._onset)
         if self._state == _SPEECH:
             events.append(self._close(max(self.position, upto), "flush"))
         return events
@@ -254,25 +258,26 @@ class Endpointer:
     def _maybe_confirm(self, events: list[Event]) -> None:
         start = max(self._floor, self._onset - self._preroll)
         if self._speech_samples >= self._min_speech:
-            self._open(start, events)
+            self._open(start, events, self._onset)
         elif self._early and not self._likely and self._speech_samples >= self._early:
             self._likely = True
             events.append(SpeechLikely(start))
 
-    def _open(self, start: int, events: list[Event]) -> None:
+    def _open(self, start: int, events: list[Event], onset: int | None = None) -> None:
         self._state = _SPEECH
         self._paused, self._checked, self._unanswered = False, 0, False
         self._pause_no += 1
         self._start = start
         self._silence_run = 0
-        events.append(SpeechStart(start))
+        events.append(SpeechStart(start, onset))
 
     def _close(self, end: int, reason: str) -> SpeechEnd:
         end = max(end, self._start + 1)
         self._state = _SILENCE
         self._floor = end
         self._recent = []
-        return SpeechEnd(end, reason)
+        paused = reason in ("silence", "turn")  # a cut (length, flush) ends where speech may go on
+        return SpeechEnd(end, reason, min(max(self._last_speech_end, self._start + 1), end) if paused else None)
 
     def _cut_point(self, end: int) -> int:
         """Where to cut an over-long utterance: its quietest window in the last few seconds."""

@@ -115,9 +115,10 @@ def turn_end(utterance_id: int, timestamp: float, reason: str, probability: floa
             "probability": None if probability is None else round(probability, 3)}
 
 
-def transcript_partial(utterance_id: int, text: str, start: float, end: float) -> dict[str, Any]:
+def transcript_partial(utterance_id: int, text: str, start: float, end: float, stable: str = "") -> dict[str, Any]:
+    """``stable``: the prefix of ``text`` that later partials and the final keep (host.partials)."""
     return {"type": "transcript.partial", "utterance_id": utterance_id, "text": text,
-            "start": round(start, 3), "end": round(end, 3)}
+            "start": round(start, 3), "end": round(end, 3), "stable": stable}
 
 
 def transcript_final(segment: Segment, with_words: bool) -> dict[str, Any]:

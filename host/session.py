@@ -279,7 +279,7 @@ class Session(SessionControl):
             elif isinstance(event, SpeechStart):
                 if self.turns is not None:
                     self.turns.last = None
-                self.decoding.start(event.sample)
+                self.decoding.start(event.sample, event.onset)
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
             elif isinstance(event, SpeechLikely):
@@ -299,7 +299,7 @@ class Session(SessionControl):
                     self.decoding.discard(event.sample)
                     continue
                 cut = event.reason not in ("silence", "turn")
-                utterance, ticket = self.decoding.finalize(uid, start, event.sample, cut=cut)
+                utterance, ticket = self.decoding.finalize(uid, start, event.sample, cut=cut, heard=event.heard)
                 self._chain(self._deliver_final(utterance, ticket.future))
 
     async def _check_turn(self, check: TurnCheck) -> list[Event]:

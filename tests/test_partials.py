@@ -25,6 +25,18 @@ def test_local_agreement_never_changes_a_confirmed_prefix():
     assert la.update("And so my fellow Americans, ask not").startswith("and so my fellow americans")
 
 
+def test_local_agreement_never_agrees_on_a_cut_off_last_word():
+    """The newest hypothesis' last word is never stable ("began." where the speaker goes on), and
+    its trailing cut-off marks are not shown."""
+    la = LocalAgreement()
+    assert la.update("He began...") == "He began"
+    assert la.update("He began.") == "He began" and la.stable_text == "He"
+    assert la.update("He began to double-") == "He began to double" and la.stable_text == "He began"
+    assert la.update("He began to doubt, and") == "He began to doubt, and" and la.stable_text == "He began to"
+    assert la.update("...") == "He began to"  # a hypothesis of marks only shows the stable words
+    assert la.stable_text == "He began to"
+
+
 async def test_partials_precede_their_final_and_never_follow_it(idle_worker, speech_by_id):
     utt = speech_by_id["jfk"]
     audio = concat(silence(0.5), read_wav(utt.path), silence(1.5))
@@ -49,6 +61,13 @@ async def test_partials_precede_their_final_and_never_follow_it(idle_worker, spe
             finalized.add(m["utterance_id"])
     # The final replaces the partials: session.end holds finals only.
     assert [s["text"] for s in result.end["segments"]] == [f["text"] for f in result.finals]
+    # Stable words are never taken back: each partial starts with every earlier partial's stable prefix.
+    stable: dict[int, str] = {}
+    for p in partials:
+        before = stable.get(p["utterance_id"], "")
+        assert p["text"].startswith(p["stable"]) and p["stable"].startswith(before), (before, p)
+        stable[p["utterance_id"]] = p["stable"]
+    assert any(stable.values()), "no partial had stable words"
 
 
 async def test_interim_results_false_sends_no_partials(idle_worker, speech_by_id):
