@@ -18,7 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from host.client import concat, read_wav, silence
-from host.compat.openai_realtime import OpenAIRealtimeDialect
+from host.compat.openai_realtime import OpenAIRealtimeDialect, keep_sent
+from host.protocol import ConfigError
 from host.wer import WerCounts, field_errors, word_errors
 from tests.support import b64, chunks, mulaw8k, pcm24, run_compat_snippet
 
@@ -113,6 +114,13 @@ async def test_sdk_server_vad_stream_wer_and_event_order(idle_worker, speech_by_
         assert seq[-1].usage.type == "duration" and seq[-1].usage.seconds > 0
     deltas = events.of(DELTA)
     assert deltas and all(d.delta for d in deltas), "no transcript deltas from the partials"
+    live = 0  # items with deltas before their commit: captions that grew while the speaker talked
+    for done in events.of(COMPLETED):
+        seq = [e for e in events.items if getattr(e, "item_id", None) == done.item_id]
+        sent = "".join(e.delta for e in seq if e.type == DELTA)
+        assert done.transcript.startswith(sent), (sent, done.transcript)  # deltas cannot be taken back
+        live += any(e.type == DELTA for e in seq[:[e.type for e in seq].index("input_audio_buffer.committed")])
+    assert live, "no item's deltas came while its turn was open"
     transcript = " ".join(e.transcript for e in events.of(COMPLETED))
     counts = word_errors(" ".join(u.reference for u in utts), transcript)
     print(f"OpenAI SDK, server VAD: WER {counts.wer:.3f} over {counts.words} words: {transcript!r}")
@@ -183,6 +191,58 @@ async def test_sdk_beta_manual_commit_one_item_per_commit(idle_worker, speech_by
     assert total.wer <= 0.25
 
 
+async def beta_events(conn, until: str) -> list[dict]:
+    """Raw events (JSON) of an SDK connection up to the first of type ``until``."""
+    seen: list[dict] = []
+    while not seen or seen[-1]["type"] != until:
+        seen.append(json.loads(await asyncio.wait_for(conn.recv_bytes(), 30)))
+    return seen
+
+
+async def test_beta_events_pass_the_sdk_models_strictly(idle_worker, speech_by_id):
+    """openai-python's beta models, validated strictly: transcription_session.* carry the required
+    client_secret; a conversation-style beta client (no intent) gets session.created and its transcript."""
+    from openai.types.beta.realtime.conversation_item_input_audio_transcription_completed_event import (
+        ConversationItemInputAudioTranscriptionCompletedEvent,
+    )
+    from openai.types.beta.realtime.conversation_item_input_audio_transcription_delta_event import (
+        ConversationItemInputAudioTranscriptionDeltaEvent,
+    )
+    from openai.types.beta.realtime.input_audio_buffer_committed_event import InputAudioBufferCommittedEvent
+    from openai.types.beta.realtime.session_created_event import SessionCreatedEvent
+    from openai.types.beta.realtime.session_updated_event import SessionUpdatedEvent
+    from openai.types.beta.realtime.transcription_session import TranscriptionSession
+    from openai.types.beta.realtime.transcription_session_updated_event import TranscriptionSessionUpdatedEvent
+
+    utt = speech_by_id["1688-142285-0003"]
+    async with client_for(idle_worker).beta.realtime.connect(
+            model="gpt-4o-transcribe", extra_query={"intent": "transcription"}) as conn:
+        created = (await beta_events(conn, "transcription_session.created"))[0]
+        TranscriptionSession.model_validate(created["session"], strict=True)
+        await conn.transcription_session.update(session={"input_audio_transcription": {"model": "whisper-1"}})
+        updated = (await beta_events(conn, "transcription_session.updated"))[-1]
+        TranscriptionSessionUpdatedEvent.model_validate(updated, strict=True)
+
+    async with client_for(idle_worker).beta.realtime.connect(model="gpt-4o-realtime-preview") as conn:
+        first = (await beta_events(conn, "session.created"))
+        assert len(first) == 1, "session.created is the first event"
+        SessionCreatedEvent.model_validate(first[0], strict=True)
+        await conn.session.update(session={"input_audio_transcription": {"model": "whisper-1", "language": "en"},
+                                           "turn_detection": None})
+        SessionUpdatedEvent.model_validate((await beta_events(conn, "session.updated"))[-1], strict=True)
+        for piece in chunks(pcm24(concat(read_wav(utt.path), silence(0.3)))):
+            await conn.input_audio_buffer.append(audio=b64(piece))
+        await conn.input_audio_buffer.commit()
+        turn = await beta_events(conn, COMPLETED)
+    models = {"input_audio_buffer.committed": InputAudioBufferCommittedEvent,
+              DELTA: ConversationItemInputAudioTranscriptionDeltaEvent,
+              COMPLETED: ConversationItemInputAudioTranscriptionCompletedEvent}
+    for event in turn:
+        models[event["type"]].model_validate(event, strict=True)
+    assert turn[0]["type"] == "input_audio_buffer.committed", [e["type"] for e in turn]
+    assert word_errors(utt.reference, turn[-1]["transcript"]).wer <= 0.3, turn[-1]["transcript"]
+
+
 async def test_manual_clear_drops_the_uncommitted_audio(idle_worker, speech_by_id):
     """clear before commit: the next committed item has the later speech only."""
     dropped, kept = speech_by_id["1998-15444-0007"], speech_by_id["533-1066-0009"]
@@ -231,10 +291,12 @@ async def test_g711_ulaw_chosen_at_connect(idle_worker, speech_by_id):
         seen = []
         while not seen or seen[-1]["type"] != COMPLETED:
             seen.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
-    # Deltas come from partials, so some may arrive before the commit is answered (the server
-    # works on the audio while it is appended); they belong to the item the commit commits.
+    # Manual mode: the commit names the item, so it comes before the item's deltas (the server has
+    # been decoding the audio while it was appended; what it had is sent right after the commit).
     turn = [m for m in seen if m["type"] != DELTA]
     assert [m["type"] for m in turn] == ["input_audio_buffer.committed", COMPLETED]
+    assert seen[0]["type"] == "input_audio_buffer.committed"
+    assert seen[-1]["transcript"].startswith("".join(m["delta"] for m in seen if m["type"] == DELTA))
     assert {m["item_id"] for m in seen} == {turn[0]["item_id"]}
     assert abs(seen[-1]["usage"]["seconds"] - (utt.duration + 0.3)) < 0.05
     counts = word_errors(utt.reference, seen[-1]["transcript"])
@@ -338,20 +400,46 @@ def test_deltas_extend_sent_text_and_skip_revisions():
     item = out[0]["item_id"]
     assert out[0]["audio_start_ms"] == 1250
 
-    def delta(text):
-        return [e["delta"] for e in d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": text})]
+    def delta(text, stable):
+        message = {"type": "transcript.partial", "utterance_id": 0, "text": text, "stable": stable}
+        return [e["delta"] for e in d.outgoing(message)]
 
-    assert delta("Ask") == ["Ask"]
-    assert delta("Ask not what") == [" not what"]
-    assert delta("Ask nothing") == []  # revises sent text: nothing can be taken back
-    assert delta("Ask no") == []
-    assert delta("Ask not what your") == [" your"]
+    assert delta("Ask", "") == []  # nothing stable yet: the tail may still change
+    assert delta("Ask not what", "Ask") == ["Ask"]
+    assert delta("Ask not what your", "Ask not what") == [" not what"]
+    assert delta("Ask not what you", "Ask not") == []  # never shorter: a stable prefix only grows
+    assert delta("Ask not what your country", "Ask not what your") == [" your"]
     out = d.outgoing({"type": "vad.speech_end", "timestamp": 3.5})
     assert [e["type"] for e in out] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
     out = d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "Ask not what your country"})
     assert [(e["type"], e.get("delta")) for e in out] == [(DELTA, " country"), (COMPLETED, None)]
     assert out[-1]["transcript"] == "Ask not what your country" and out[-1]["item_id"] == item
     assert out[-1]["usage"] == {"type": "duration", "seconds": 2.25}
+
+
+def test_a_revised_final_keeps_the_sent_deltas():
+    """A final that revises words already sent as deltas: the transcript keeps them and goes on with
+    the final's words after them; with ?deltas=final nothing is sent early and the final is exact."""
+    assert keep_sent("", "Mr. Hale, you") == "Mr. Hale, you"
+    assert keep_sent("I don't think Mr. Hell, you", "I don't think Mr. Hale, you have done right.") == \
+        "I don't think Mr. Hell, you have done right."
+    assert keep_sent("At the", "Epimorphine is not allied.") == "At the not allied."
+    assert keep_sent("He said so", "He said.") == "He said so"
+    for deltas, expected in (("live", "I don't think Mr. Hell, you have done right."),
+                             ("final", "I don't think Mr. Hale, you have done right.")):
+        d = OpenAIRealtimeDialect()
+        d.configure({"deltas": deltas}, {})
+        d.outgoing({"type": "session.begin", "session_id": "sess_x"})
+        d.outgoing({"type": "vad.speech_start", "timestamp": 0.0})
+        early = d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": "I don't think Mr. Hell, you",
+                            "stable": "I don't think Mr. Hell,"})
+        assert [e.get("delta") for e in early] == (["I don't think Mr. Hell,"] if deltas == "live" else [])
+        d.outgoing({"type": "vad.speech_end", "timestamp": 2.0})
+        out = d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "I don't think Mr. Hale, you have done right."})
+        sent = "".join(e.get("delta", "") for e in [*early, *out] if e["type"] == DELTA)
+        assert out[-1]["transcript"] == expected and sent == expected
+    with pytest.raises(ConfigError):
+        OpenAIRealtimeDialect().configure({"deltas": "sometimes"}, {})
 
 
 def test_empty_and_failed_turns_are_completed():
@@ -385,14 +473,16 @@ def test_manual_mode_joins_finals_until_commit():
     d = started(OpenAIRealtimeDialect())
     d.incoming('{"type": "session.update", "session": {"turn_detection": null}}')
     assert d.outgoing({"type": "vad.speech_start", "timestamp": 0.1}) == []
-    partial = d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": "One"})
-    assert [e["delta"] for e in partial] == ["One"]
+    # Before the commit names the item, its text is held back.
+    assert d.outgoing({"type": "transcript.partial", "utterance_id": 0, "text": "One tw", "stable": "One"}) == []
     d.outgoing({"type": "vad.speech_end", "timestamp": 1.0})
-    assert [e["delta"] for e in d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "One."})] == ["."]
+    assert d.outgoing({"type": "transcript.final", "utterance_id": 0, "text": "One."}) == []
     d.incoming(json.dumps({"type": "input_audio_buffer.append", "audio": b64(b"\0" * 48000)}))
     d.outgoing({"type": "vad.speech_start", "timestamp": 1.5})
+    d.outgoing({"type": "transcript.partial", "utterance_id": 1, "text": "Two", "stable": ""})
     natives, replies = d.incoming('{"type": "input_audio_buffer.commit"}')
-    assert natives == [{"type": "flush"}] and replies[0]["type"] == "input_audio_buffer.committed"
+    assert natives == [{"type": "flush"}]
+    assert [(e["type"], e.get("delta")) for e in replies] == [("input_audio_buffer.committed", None), (DELTA, "One.")]
     item = replies[0]["item_id"]
     d.outgoing({"type": "vad.speech_end", "timestamp": 2.0})
     final = d.outgoing({"type": "transcript.final", "utterance_id": 1, "text": "Two."})

@@ -3,12 +3,19 @@
 Query parameters (at connect time; all optional):
 
 - ``intent``: ``transcription`` (anything else is refused: there is no conversation model here).
+  A beta client (``OpenAI-Beta: realtime=v1``) that leaves it out is a conversation-style client:
+  it gets ``session.created``/``session.updated`` with a beta ``Session`` object (and still only
+  input transcription); with it, ``transcription_session.created`` as OpenAI's beta sends.
 - ``model``: an OpenAI model name (``gpt-4o-transcribe``, ``gpt-realtime``, ``whisper-1`` …) is
   accepted and ignored (the engine's default model is used); any other value is passed on as the
   native ``model`` (an engine variant such as ``fast``/``accurate``).
 - extensions: ``input_audio_format`` (``pcm16`` (24 kHz), ``g711_ulaw``, ``g711_alaw`` (8 kHz), or
   ``audio/pcm``, ``audio/pcmu``, ``audio/pcma``), ``language``, ``engine``. The audio format must be
   chosen here: the native decoder is fixed when the session starts.
+- ``deltas`` (an extension): ``live`` (default) sends a server-VAD item's transcript deltas while
+  its speaker talks, from the partials' stable words, and its ``completed`` transcript always starts
+  with them; ``final`` sends them only from the final, as OpenAI's own models do, and the
+  ``completed`` transcript is the final exactly (see :mod:`host.compat.openai_realtime`).
 - ``api_key`` is accepted (auth is the server's); other parameters are ignored.
 
 ``transcription_session.update`` and ``session.update`` take the beta fields
@@ -88,6 +95,8 @@ class SessionConfig:
 
     def __init__(self) -> None:
         self.beta = False
+        self.conversation = False  # a beta client that connected without intent=transcription
+        self.live_deltas = True  # deltas from the partials' stable words (?deltas=live), else from finals
         self.format = "pcm16"
         self.session_id = new_id("sess")
         self.transcription: dict[str, Any] = {"model": "gpt-4o-transcribe", "language": None, "prompt": ""}
@@ -98,6 +107,7 @@ class SessionConfig:
     def configure(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str]:
         """OpenAI query parameters → native ``/session`` parameters."""
         self.beta = "realtime=v1" in (headers.get("OpenAI-Beta") or "").replace(" ", "")
+        self.conversation = self.beta and "intent" not in query
         intent = query.get("intent", "transcription")
         if intent != "transcription":
             raise ConfigError("intent", f"only intent=transcription is supported here, got {intent!r}")
@@ -106,6 +116,10 @@ class SessionConfig:
         if fmt not in FORMATS:
             raise ConfigError("input_audio_format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
         self.format = fmt
+        deltas = query.get("deltas", "live")
+        if deltas not in ("live", "final"):
+            raise ConfigError("deltas", f"expected live or final, got {deltas!r}")
+        self.live_deltas = deltas == "live"
         encoding, rate, _ = FORMATS[fmt]
         native = {"encoding": encoding, "sample_rate": str(rate), "channels": "1", "enable_vad": "true",
                   **{k: str(v) for k, v in native_endpointing(DEFAULT_VAD).items()}}
@@ -166,10 +180,15 @@ class SessionConfig:
         """The ``session`` object of ``session.created``/``updated``, in the beta or the GA shape."""
         transcription = dict(self.transcription)
         if beta:
-            return {"id": self.session_id, "object": "realtime.transcription_session", "modalities": ["text"],
-                    "input_audio_format": self.format, "input_audio_transcription": transcription,
-                    "turn_detection": self.turn_detection, "input_audio_noise_reduction": self.noise_reduction,
-                    "include": self.include}
+            session = {"id": self.session_id, "object": "realtime.transcription_session", "modalities": ["text"],
+                       "input_audio_format": self.format, "input_audio_transcription": transcription,
+                       "turn_detection": self.turn_detection, "input_audio_noise_reduction": self.noise_reduction,
+                       "include": self.include}
+            if self.conversation:  # openai-python's beta Session: no client secret, no include
+                return {k: v for k, v in session.items() if k != "include"} | {"object": "realtime.session"}
+            # Required by openai-python's beta TranscriptionSession; this server issues no ephemeral
+            # keys (clients authenticate with the server's own key), so the secret is empty.
+            return {**session, "client_secret": {"value": "", "expires_at": 0}}
         fmt: dict[str, Any] = {"type": GA_NAMES[self.format]}
         if self.format == "pcm16":
             fmt["rate"] = 24000
