@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from typing import Any, Generic, TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
@@ -25,7 +26,7 @@ from websockets.http11 import Request, Response
 
 from host import protocol as msg
 from host.auth import ApiKeyError, ApiKeys
-from host.compat import DialectConnection, Query, dialect_routes
+from host.compat import DialectConnection, PreUpgradeDialect, Query, dialect_routes
 from host.contracts import LoadContext
 from host.frontdoor import (
     SESSION_PATHS,
@@ -66,6 +67,8 @@ class FrontDoor(Generic[S]):
         /v1/listen (Deepgram), and any a plugin registers."""
         self.static: dict[str, tuple[str, bytes]] = {}
         self._server: Server | None = None
+        self._vendors: weakref.WeakKeyDictionary[ServerConnection, PreUpgradeDialect] = weakref.WeakKeyDictionary()
+        """The dialect made while a handshake was answered, for the session it upgrades to."""
         try:
             self.api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file or None)
         except ApiKeyError as exc:
@@ -90,6 +93,7 @@ class FrontDoor(Generic[S]):
             self.settings.host,
             self.settings.port,
             process_request=self._http,
+            process_response=self._respond,
             **serve_options(self.settings.max_frame_bytes, ping_interval_s),
         )
 
@@ -121,6 +125,10 @@ class FrontDoor(Generic[S]):
     def count_refusal(self, reason: str) -> None:
         """A request or session was turned away for ``reason`` (bad_request, unauthorized, ...)."""
 
+    async def check_native(self, native: dict[str, str]) -> None:
+        """Raise :class:`ConfigError` when no session could start with the native query ``native``
+        (asked before the upgrade, for dialects whose vendor refuses bad parameters there)."""
+
     async def serve_session(self, ws: ServerConnection, url: SplitResult, query: dict[str, str],
                             dialect: Any) -> None:
         """Run one session whose handshake passed the front door."""
@@ -135,16 +143,53 @@ class FrontDoor(Generic[S]):
             return refused
         url = urlsplit(request.path)
         if is_upgrade(request):
-            if self.session_dialect(url.path)[0] and not self.api_keys.allows(request.headers, url.query):
-                self.count_refusal("unauthorized")
-                return unauthorized()
-            return None  # WebSocket handshakes go on to _handle, bad paths included (close 1008)
+            return await self._upgrade(connection, request, url)
         response = await self.answer_http(url.path, request.headers, url.query)
         if response is not None:
             return response
         if url.path in self.static:
             return static_response(*self.static[url.path])
         return json_response(404, {"error": "not found", "path": url.path})
+
+    async def _upgrade(self, connection: ServerConnection, request: Request, url: SplitResult) -> Response | None:
+        """A refusal of a session handshake (bad key; bad connect parameters where the dialect's vendor
+        refuses them before the upgrade), or None: it goes on to _handle, bad paths included (close 1008)."""
+        is_session, factory = self.session_dialect(url.path)
+        if not is_session:
+            return None
+        vendor = self._vendor(connection, factory)
+        if not self.api_keys.allows(request.headers, url.query):
+            self.count_refusal("unauthorized")
+            return unauthorized() if vendor is None else vendor_response(vendor, 401, "an API key is required")
+        return None if vendor is None else await self._preflight(vendor, request, url)
+
+    def _vendor(self, connection: ServerConnection, factory: Any) -> PreUpgradeDialect | None:
+        """The handshake's dialect if its vendor refuses before the upgrade (kept for the session), else None."""
+        made = factory() if factory is not None else None
+        if not isinstance(made, PreUpgradeDialect):
+            return None
+        self._vendors[connection] = made
+        return made
+
+    async def _preflight(self, vendor: PreUpgradeDialect, request: Request, url: SplitResult) -> Response | None:
+        """400 in the vendor's shape when no session could start with the connect query, else None."""
+        try:
+            query = Query(parse_qsl(url.query, keep_blank_values=True))
+            await self.check_native(vendor.preflight(query, request.headers))
+        except ConfigError as exc:
+            self.count_refusal("invalid_config")
+            return vendor_response(vendor, 400, str(exc))
+        return None
+
+    def _respond(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """Add a vendor dialect's headers to its handshake's answer, refusals and the 101 alike."""
+        vendor = self._vendors.get(connection)
+        if vendor is None:
+            return
+        if response.status_code != 101:
+            del self._vendors[connection]  # no session follows
+        for name, value in vendor.handshake_headers().items():
+            response.headers[name] = value
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None  # the handshake is done
@@ -174,7 +219,8 @@ class FrontDoor(Generic[S]):
         """
         if dialect is None:
             return ws, query
-        conn = DialectConnection(ws, dialect())
+        # A dialect refusing before the upgrade was made then: its request id is in the 101 already.
+        conn = DialectConnection(ws, self._vendors.pop(ws) if ws in self._vendors else dialect())
         try:
             return conn, await conn.open(query, timeout=timeout)
         except ConfigError as exc:
@@ -185,3 +231,12 @@ class FrontDoor(Generic[S]):
         """Send invalid_config and close."""
         self.count_refusal("invalid_config")
         await refuse_config(conn, exc)
+
+
+def vendor_response(vendor: PreUpgradeDialect, status: int, text: str) -> Response:
+    """The HTTP ``status`` refusing a handshake in the dialect vendor's shape."""
+    headers, body = vendor.http_error(status, text)
+    response = json_response(status, body)
+    for name, value in headers.items():
+        response.headers[name] = value
+    return response

@@ -20,7 +20,7 @@ import binascii
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from websockets.exceptions import ConnectionClosed
 
@@ -58,6 +58,29 @@ class DeferredDialect(Dialect, Protocol):
 
         Raise :class:`host.protocol.ConfigError` when they show the audio cannot be served.
         """
+        ...
+
+
+@runtime_checkable
+class PreUpgradeDialect(Dialect, Protocol):
+    """A dialect whose vendor checks the connect query before the WebSocket upgrade and answers a bad
+    one with an HTTP error instead of a 101 (Deepgram). The front door creates it while it answers the
+    handshake, asks it these, and hands the same object to the session."""
+
+    def preflight(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str]:
+        """The native ``/session`` parameters the connect query decides (a deferred dialect's lack the
+        audio format: the session's defaults stand in for it in the check).
+
+        Raise :class:`host.protocol.ConfigError` for a bad vendor parameter.
+        """
+        ...
+
+    def handshake_headers(self) -> dict[str, str]:
+        """Headers every handshake response on the dialect's path carries, the 101 included."""
+        ...
+
+    def http_error(self, status: int, text: str) -> tuple[dict[str, str], dict[str, Any]]:
+        """(extra headers, JSON body) of the HTTP ``status`` refusing the handshake because of ``text``."""
         ...
 
 
@@ -285,6 +308,7 @@ __all__ = [
     "Dialect",
     "DialectConnection",
     "Native",
+    "PreUpgradeDialect",
     "audio_frames",
     "decode_base64",
     "dialect_routes",

@@ -30,19 +30,26 @@ Query parameters (at connect time):
 - ``engine``: an extension, the native engine id. ``multichannel=true`` is refused; other
   parameters (``diarize``, ``numerals``, ``redact`` …) are accepted and ignored.
 
+Bad connect parameters are refused before the upgrade, as Deepgram does: HTTP 400 with a
+``dg-error`` header and ``{err_code, err_msg, request_id}`` (the front door asks :meth:`preflight`,
+then the worker's or router's own check of the native query). Every handshake answer, the 101
+included, carries ``dg-request-id``: the ``request_id`` of every message of the connection.
+
 Client messages: binary audio (an empty frame closes the stream, as in Deepgram's older API),
 ``KeepAlive``, ``Finalize`` (→ native ``flush``), ``CloseStream`` (→ native ``end``), ``Configure``
 (``features.punctuate``/``smart_format`` applied; ``keyterms`` → native ``config`` ``keyterms`` for the
 utterances decoded after it).
 
-Server messages: ``Results``, ``SpeechStarted``, ``UtteranceEnd``, ``Metadata`` (last, after
-``CloseStream``), ``ConfigureSuccess``/``ConfigureFailure`` and ``Error`` (``{type, variant,
-description, message}``).
+Server messages: ``Results`` (interim ones with word times spread over the partial's span:
+estimates), ``SpeechStarted``, ``UtteranceEnd``, ``Metadata`` (last, after ``CloseStream``),
+``ConfigureSuccess``/``ConfigureFailure`` and ``Error`` (``{type, variant, description}``, and
+``message``, the client's text, for a ``SchemaError``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import struct
 import uuid
@@ -54,6 +61,8 @@ import host
 from host.compat import BadMessage, Native, keyterms, parse_json_object, query_flag, query_values
 from host.hookspecs import hookimpl
 from host.protocol import ConfigError
+
+log = logging.getLogger(__name__)
 
 PATH = "/v1/listen"
 
@@ -69,6 +78,14 @@ _DEEPGRAM_MODEL = re.compile(r"^(nova|enhanced|base|whisper|flux|general|phoneca
 _PUNCTUATION = re.compile(r"[^\w'\-]+")
 MAX_HEADER = 64 * 1024
 """A WAV header (everything before the ``data`` chunk) larger than this is refused."""
+SCHEMA_ERROR = "SchemaError"
+"""Deepgram's ``Error`` variant for a client text message it cannot read."""
+MAX_ECHO = 4096
+"""A ``SchemaError`` echoes the client's message in ``message``, cut to this many characters."""
+HTTP_ERRORS = {400: "INVALID_QUERY_PARAMETER", 401: "INVALID_AUTH"}
+"""Deepgram's ``err_code`` of a refused handshake, by HTTP status."""
+INTERIM_CONFIDENCE = 0.9
+"""The confidence interim results estimate before the connection's first final (see :meth:`DeepgramDialect._typical`)."""
 
 
 class DeepgramDialect:
@@ -91,6 +108,25 @@ class DeepgramDialect:
         self._finalizing = 0  # Finalize messages whose flush.done has not come back
         self._finalized = False  # a from_finalize Results went out for the oldest Finalize
         self._closed = False
+        self._confidences: list[float] = []  # of the finals so far: what interim results estimate
+
+    # --- before the upgrade (host.compat.PreUpgradeDialect) ----------------------------
+
+    def preflight(self, query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str]:
+        """The native parameters the connect query decides (without ``encoding`` all but the audio
+        format, which the WAV header gives later); :class:`ConfigError` for a bad one."""
+        native = self.configure(query, headers)
+        return dict(self._native) if native is None else native
+
+    def handshake_headers(self) -> dict[str, str]:
+        return {"dg-request-id": self.request_id}
+
+    def http_error(self, status: int, text: str) -> tuple[dict[str, str], dict[str, Any]]:
+        """Deepgram's refusal: the error text in ``dg-error`` and in the body's ``err_msg``."""
+        if status == 401:
+            text = "Invalid credentials."  # Deepgram's words; the key is not echoed
+        body = {"err_code": HTTP_ERRORS.get(status, "Bad Request"), "err_msg": text, "request_id": self.request_id}
+        return {"dg-error": _header_text(text)}, body
 
     # --- connect ------------------------------------------------------------------
 
@@ -178,7 +214,7 @@ class DeepgramDialect:
         try:
             message = parse_json_object(raw)
         except BadMessage as exc:
-            return [], [self._error("INVALID_JSON", str(exc))]
+            return [], [self._schema_error(raw, str(exc))]
         kind = message.get("type")
         if kind == "KeepAlive":
             return [], []
@@ -188,36 +224,37 @@ class DeepgramDialect:
         if kind == "CloseStream":
             return self._close(), []
         if kind == "Configure":
-            natives, answer = self._configure(message)
+            natives, answer = self._configure(message, raw)
             return natives, [answer]
-        return [], [self._error("UNKNOWN_MESSAGE", f"unknown message type {str(kind)[:100]!r}: expected "
-                                "KeepAlive, Finalize, CloseStream or Configure (audio goes in binary frames)")]
+        return [], [self._schema_error(raw, f"unknown message type {str(kind)[:100]!r}: expected KeepAlive, "
+                                       "Finalize, CloseStream or Configure (audio goes in binary frames)")]
 
     def _close(self) -> list[Native]:
         self._closed = True
         return [{"type": "end"}]
 
-    def _configure(self, message: dict[str, Any]) -> tuple[list[Native], dict[str, Any]]:
+    def _configure(self, message: dict[str, Any], raw: str) -> tuple[list[Native], dict[str, Any]]:
         """A ``Configure``: (native messages, its answer). ``keyterms`` become the session's (native
-        ``config``) for the utterances decoded after it; the whole message fails if any part is bad."""
+        ``config``) for the utterances decoded after it; the whole message fails if any part is bad:
+        a malformed one is a ``SchemaError``, as Deepgram answers a message it cannot read."""
         features = message.get("features") or {}
         if not isinstance(features, dict) or not all(isinstance(v, bool) for v in features.values()):
-            return [], self._configure_failure("features must map feature names to true or false")
+            return [], self._schema_error(raw, "features must map feature names to true or false")
         natives: list[Native] = []
         terms = message.get("keyterms")
         if terms is not None:
             if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
-                return [], self._configure_failure("keyterms must be a list of strings")
+                return [], self._schema_error(raw, "keyterms must be a list of strings")
             try:
                 natives.append({"type": "config", "keyterms": keyterms(terms, "keyterms")})
             except ConfigError as exc:
-                return [], self._configure_failure(exc.reason)
+                return [], self._configure_failure("CONFIGURE_KEYTERM_LIMIT_EXCEEDED", exc.reason)
         if "punctuate" in features or "smart_format" in features:
             self.punctuate = bool(features.get("punctuate") or features.get("smart_format"))
         return natives, {"type": "ConfigureSuccess", "request_id": self.request_id}
 
-    def _configure_failure(self, description: str) -> dict[str, Any]:
-        return {"type": "ConfigureFailure", "request_id": self.request_id, "code": "CONFIGURE_INTERNAL_ERROR",
+    def _configure_failure(self, code: str, description: str) -> dict[str, Any]:
+        return {"type": "ConfigureFailure", "request_id": self.request_id, "code": code,
                 "description": description}
 
     # --- server → client --------------------------------------------------------------
@@ -226,7 +263,8 @@ class DeepgramDialect:
         """One native server message → Deepgram server messages."""
         kind = message.get("type")
         if kind == "session.begin":
-            self.request_id = message.get("session_id") or self.request_id
+            # request_id stays the one the 101 announced; the log ties it to the native session
+            log.info("Deepgram request %s is session %s", self.request_id, message.get("session_id"))
             config = message.get("config") or {}
             if "model" in config and "model" in self._native:
                 self.model_info["name"] = config["model"]
@@ -243,14 +281,13 @@ class DeepgramDialect:
                 self._span[self._started - 1][1] = float(message["timestamp"])
             return []
         if kind == "transcript.partial":
-            start, end = float(message.get("start", 0.0)), float(message.get("end", 0.0))
-            return [self._results(message.get("text") or "", [], start, end - start, is_final=False)]
+            return [self._interim(message)]
         if kind == "transcript.final":
             return self._final(message)
         if kind == "flush.done":
             return self._flush_done()
         if kind == "error":
-            return [self._error(str(message.get("code", "")).upper(), message.get("message", ""))]
+            return [self._native_error(str(message.get("code", "")), str(message.get("message", "")))]
         if kind == "session.end":
             return [self._metadata(float(message.get("total_duration", 0.0)))]
         return []  # warning: Deepgram has no such message
@@ -262,6 +299,8 @@ class DeepgramDialect:
         end = max(span[1] if span else 0.0, float(message.get("end", 0.0)))
         from_finalize = self._finalizing > 0
         self._last_end = max(self._last_end, end)
+        if message.get("text"):
+            self._confidences.append(round(float(message.get("confidence") or 0.0), 4))  # as the final says
         self._finalized |= from_finalize
         out = [self._results(message.get("text") or "", message.get("words") or [], start, end - start,
                              is_final=True, confidence=float(message.get("confidence") or 0.0),
@@ -271,6 +310,25 @@ class DeepgramDialect:
             last = float(words[-1]["end"]) if words else float(message.get("end", end))
             out.append({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": last})
         return out
+
+    def _interim(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A partial as an interim ``Results``. Partials carry no word times or confidences (apps index
+        ``words[0]`` all the same): the words share the partial's span in proportion to their letters,
+        and each has the typical confidence."""
+        start, end = float(message.get("start", 0.0)), float(message.get("end", 0.0))
+        text = message.get("text") or ""
+        tokens = [t for t in text.split() if _plain(t)]
+        confidence = self._typical()
+        words = [{"word": token, "start": t0, "end": t1, "confidence": confidence}
+                 for token, (t0, t1) in zip(tokens, _spread(tokens, start, end))]
+        return self._results(text, words, start, end - start, is_final=False, confidence=confidence)
+
+    def _typical(self) -> float:
+        """What an interim result's confidence is estimated as: the mean of this connection's finals
+        so far (:data:`INTERIM_CONFIDENCE` before the first)."""
+        if not self._confidences:
+            return INTERIM_CONFIDENCE
+        return round(sum(self._confidences) / len(self._confidences), 4)
 
     def _flush_done(self) -> list[dict[str, Any]]:
         if not self._finalizing:
@@ -313,8 +371,36 @@ class DeepgramDialect:
                 "duration": duration, "channels": self.channels, "models": [self.model_uuid],
                 "model_info": {self.model_uuid: dict(self.model_info)}}
 
-    def _error(self, code: str, text: str) -> dict[str, Any]:
-        return {"type": "Error", "variant": code or "ERROR", "description": text, "message": text}
+    def _schema_error(self, raw: str, reason: str) -> dict[str, Any]:
+        """Deepgram's answer to a client text message it cannot read: the message itself in ``message``."""
+        return {"type": "Error", "variant": SCHEMA_ERROR,
+                "description": f"Could not deserialize last text message: {reason}", "message": raw[:MAX_ECHO]}
+
+    def _native_error(self, code: str, text: str) -> dict[str, Any]:
+        """A native ``error``: Deepgram reports such failures in close frames only, so the variant is
+        the native code in the CamelCase of Deepgram's own variants (``idle_timeout`` → ``IdleTimeout``)."""
+        if code in ("invalid_json", "unknown_message"):
+            return {"type": "Error", "variant": SCHEMA_ERROR, "description": text}
+        variant = "".join(part.capitalize() for part in code.split("_")) or "Error"
+        return {"type": "Error", "variant": variant, "description": text}
+
+
+def _spread(tokens: list[str], start: float, end: float) -> list[tuple[float, float]]:
+    """Estimated (start, end) of each word over ``start``-``end``: consecutive, each as long as its
+    share of the letters (every token has some: see :func:`_plain`)."""
+    letters = [len(_plain(t)) for t in tokens]
+    total, span = sum(letters), max(end - start, 0.0)
+    times, at = [], start
+    for n in letters:
+        after = at + span * n / total
+        times.append((round(at, 3), round(after, 3)))
+        at = after
+    return times
+
+
+def _header_text(text: str) -> str:
+    """``text`` fit for an HTTP header: printable ASCII, anything else escaped; at most 1000 characters."""
+    return re.sub(r"[^\x20-\x7e]", lambda m: m.group().encode("unicode_escape").decode("ascii"), text)[:1000]
 
 
 def _plain(word: str) -> str:
