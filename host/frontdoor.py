@@ -26,6 +26,7 @@ from websockets.protocol import State
 log = logging.getLogger(__name__)
 
 SESSION_PATHS = ("/session", "/v1/audio/transcriptions/stream")
+"""Native session paths; the worker gives the second Dalston's SDK field names (host/compat/dalston.py)."""
 
 SINGLE_VALUED = ("Authorization", "Upgrade", "Host", "xi-api-key", "Sec-WebSocket-Key", "Sec-WebSocket-Version")
 """Headers a request may carry at most once; a second copy is refused with 400 (the handlers

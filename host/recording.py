@@ -5,6 +5,9 @@ and ``.json``. All file work runs in order on one background thread the worker
 shares between recordings, never on the event loop. Audio is written in chunks of about a second,
 and the WAV header's sizes are rewritten after every chunk, so a worker that
 crashes mid-session leaves a valid WAV of everything up to the last chunk.
+
+A session may keep less than the worker records (:class:`Keep`: Dalston's ``store_audio`` and
+``store_transcript``, host/compat/dalston.py): the part it does not keep is never written.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,10 +39,21 @@ def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATE) -> bytes:
             + b"data" + struct.pack("<I", data_bytes))
 
 
+@dataclass(frozen=True)
+class Keep:
+    """What of a session's recording is kept (both by default)."""
+
+    audio: bool = True
+    transcript: bool = True
+
+
+KEEP_ALL = Keep()
+
 class SessionRecorder:
     """Writes one session's audio and transcript; every method is safe to call from the event loop."""
 
-    def __init__(self, directory: Path, session_id: str, io: ThreadPoolExecutor):
+    def __init__(self, directory: Path, session_id: str, io: ThreadPoolExecutor, keep: Keep = KEEP_ALL):
+        self.keep = keep
         day = time.strftime("%Y-%m-%d", time.gmtime())
         self.wav_path = directory / day / f"{session_id}.wav"
         self.json_path = directory / day / f"{session_id}.json"
@@ -60,7 +75,7 @@ class SessionRecorder:
 
     def append(self, samples: np.ndarray) -> None:
         """Record float32 16 kHz samples; written in ~1 s chunks."""
-        if self._failed is not None or not samples.size:
+        if self._failed is not None or not samples.size or not self.keep.audio:
             return
         self._pending.append(samples)
         self._pending_samples += samples.size
@@ -75,9 +90,9 @@ class SessionRecorder:
         data = (pcm * 32767.0).round().astype("<i2").tobytes()
         self._submit(self._write_audio, data)
 
-    async def close(self, transcript: dict[str, Any]) -> tuple[str, str] | None:
+    async def close(self, transcript: dict[str, Any]) -> tuple[str | None, str | None] | None:
         """Write the rest of the audio and the transcript JSON; return (audio_uri, transcript_uri),
-        or None when recording failed (the session is never failed for it)."""
+        each None when not kept, or None when recording failed (the session is never failed for it)."""
         self._flush()
         self._submit(self._finish, transcript)
         assert self._last is not None  # _submit set it
@@ -87,7 +102,8 @@ class SessionRecorder:
             pass
         if self._failed is not None:
             return None
-        return self.audio_uri, self.transcript_uri
+        return (self.audio_uri if self.keep.audio else None,
+                self.transcript_uri if self.keep.transcript else None)
 
     def _submit(self, fn, arg) -> None:
         loop = asyncio.get_running_loop()
@@ -120,10 +136,16 @@ class SessionRecorder:
         f.flush()
 
     def _finish(self, transcript: dict[str, Any]) -> None:
-        if self._file is None:
-            self._write_audio(b"")
-        assert self._file is not None
-        self._file.close()
+        if self.keep.audio:
+            if self._file is None:
+                self._write_audio(b"")
+            assert self._file is not None
+            self._file.close()
+        if not self.keep.transcript:
+            return
+        if not self.keep.audio:  # the document must not name a file that was never written
+            transcript = {**transcript, "audio_file": None}
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(transcript, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, self.json_path)  # readers never see half a transcript

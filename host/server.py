@@ -1,4 +1,4 @@
-"""The worker: a websockets server for ``/session`` plus plain-HTTP ``/health`` and ``/engines``.
+"""The worker: a websockets server for ``/session`` plus plain-HTTP ``/health``, ``/ready`` and ``/engines``.
 
 Lifecycle: :meth:`Worker.start` opens the port first (``/health`` answers 503
 ``starting`` meanwhile), loads plugins, engines and models, registers with the
@@ -13,6 +13,8 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import SplitResult
@@ -23,6 +25,7 @@ from websockets.http11 import Response
 
 from host import __version__
 from host import protocol as msg
+from host.compat import dalston
 from host.contracts import LoadContext, Registry, SessionInfo, SessionRecord, WorkerInfo, WorkerStatus
 from host.door import FrontDoor
 from host.engine_watch import reload_loop
@@ -30,14 +33,14 @@ from host.engines import EngineLoadError, load_engines
 from host.frontdoor import close_now, json_response, unauthorized
 from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from host.metrics import Metrics
-from host.models import ModelManager, trim_memory_loop
+from host.models import LoadedEngine, ModelManager, trim_memory_loop
 from host.plugins import PluginSet
 from host.protocol import Close, ConfigError
-from host.recording import SessionRecorder, retention_loop
+from host.recording import KEEP_ALL, Keep, SessionRecorder, retention_loop
 from host.registry import Announcer, call_quietly
 from host.scheduler import Scheduler
 from host.session import Session, SessionServices
-from host.session_config import parse_session_config, pick_engine
+from host.session_config import SessionConfig, parse_session_config, pick_engine
 from host.settings import Settings
 from host.turn import TurnBatcher
 from host.vad import VadBatcher
@@ -109,9 +112,19 @@ class Worker(FrontDoor[Settings]):
             on_ended=self._session_ended,
         )
 
-    def _recorder(self, session_id: str) -> SessionRecorder:
+    def _recorder(self, session_id: str, keep: Keep = KEEP_ALL) -> SessionRecorder:
         assert self.sessions_dir is not None  # only called when recording is on
-        return SessionRecorder(self.sessions_dir, session_id, self._recording_io)
+        return SessionRecorder(self.sessions_dir, session_id, self._recording_io, keep)
+
+    def _services_for(self, conn: Any) -> SessionServices:
+        """The services of one session: its dialect may keep less of the recording than the worker makes
+        (Dalston's ``store_audio``/``store_transcript``)."""
+        keep = getattr(getattr(conn, "dialect", None), "keep", None)
+        if not isinstance(keep, Keep) or keep == KEEP_ALL or self.services.recorder is None:
+            return self.services
+        if not (keep.audio or keep.transcript):
+            return replace(self.services, recorder=None)  # nothing kept: nothing written either
+        return replace(self.services, recorder=partial(self._recorder, keep=keep))
 
     def _vad_batcher(self, model) -> VadBatcher:
         batcher = self._vad_batchers.get(id(model))
@@ -287,6 +300,21 @@ class Worker(FrontDoor[Settings]):
             body["failed_engines"] = [f.describe() for f in self.models.failed.values()]
         return (200 if self.status == READY else 503), body
 
+    def readiness(self) -> tuple[int, dict]:
+        """``GET /ready``: 200 when a new session would be admitted now, else 503 and why (``starting``,
+        ``draining`` or ``full``), for load balancers. ``/health`` stays the liveness answer: a full
+        worker is healthy, but takes no session."""
+        _, health = self.health()
+        status = self.status if self.status != READY else "full" if self._full() else "ready"
+        return (200 if status == "ready" else 503), {
+            "status": status, **{k: health[k] for k in ("worker_id", "active_sessions", "finalizing", "capacity")}}
+
+    def _full(self) -> bool:
+        """No capacity slot free. Sessions whose client left still finalize without a slot; past as many
+        again as there are slots, new sessions wait too, so connect-and-drop churn cannot pile them up."""
+        return (len(self.admitted) + self._reserved >= self.settings.max_sessions
+                or len(self.sessions) + self._reserved >= 2 * self.settings.max_sessions)
+
     # --- the front door's questions -------------------------------------------------
 
     async def health_answer(self) -> tuple[int, dict]:
@@ -302,6 +330,8 @@ class Worker(FrontDoor[Settings]):
                             data)
         if path == "/health":
             return json_response(*self.health())
+        if path == "/ready":
+            return json_response(*self.readiness())
         if path == "/engines":
             return json_response(200, [e.describe() for e in self.models.engines.values()]
                                  + [f.describe() for f in self.models.failed.values()])
@@ -322,10 +352,11 @@ class Worker(FrontDoor[Settings]):
 
     async def serve_session(self, ws: ServerConnection, url: SplitResult, query: dict[str, str],
                             dialect: Any) -> None:
-        # Sessions whose client left still finalize without a slot; past as many again as there
-        # are slots, new sessions wait too, so connect-and-drop churn cannot pile them up.
-        if (len(self.admitted) + self._reserved >= self.settings.max_sessions
-                or len(self.sessions) + self._reserved >= 2 * self.settings.max_sessions):
+        if dialect is None and url.path == dalston.PATH:
+            # Translated here, not on a router: the router relays this path untouched, so the
+            # worker that records sees store_audio/store_transcript (host/compat/dalston.py).
+            dialect = dalston.DalstonDialect
+        if self._full():
             self.count_refusal("capacity")
             await close_now(ws, *msg.AT_CAPACITY)
             return
@@ -351,12 +382,21 @@ class Worker(FrontDoor[Settings]):
         if native is None:
             return None
         try:
-            engine = pick_engine(native, self.models.engines, self.models.failed)
-            config = parse_session_config(native, engine.spec)
+            engine, config = self._configured(native)
         except ConfigError as exc:
             await self.refuse_config(conn, exc)
             return None
-        return Session(conn, engine, config, self.services)
+        return Session(conn, engine, config, self._services_for(conn))
+
+    def _configured(self, native: dict[str, str]) -> tuple[LoadedEngine, SessionConfig]:
+        """The engine and validated configuration a native query asks for; :class:`ConfigError` for a
+        bad one. The one check, whether a session starts or a handshake is answered."""
+        engine = pick_engine(native, self.models.engines, self.models.failed)
+        return engine, parse_session_config(native, engine.spec)
+
+    async def check_native(self, native: dict[str, str]) -> None:
+        if self.status == READY:  # otherwise the handshake's refusal (1013) answers it
+            self._configured(native)
 
     def _session_released(self, session: Session) -> None:
         """The session no longer holds a capacity slot: its client is gone or has session.end.
