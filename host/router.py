@@ -11,8 +11,13 @@ client sees the worker's protocol unchanged.
   next candidate, and the router avoids an unreachable one until it
   heartbeats again.
 - No candidate left: close 1013, like a full worker.
-- A worker that dies mid-session: the client gets ``error{code:"worker_lost"}``
-  and a ``session.end`` built from the finals already relayed, then close 1011.
+- A dialect whose vendor refuses bad connect parameters before the upgrade (Deepgram's HTTP 400)
+  has them checked against the engines the workers registered, with the workers' own validation.
+- A worker that dies mid-session (its connection drops, or it misses the router's pings): the session
+  fails over to another worker (host/relay.py): opened there on the same timeline, the client's audio
+  since its last final replayed, a recoverable ``warning{code:"worker_lost"}`` to the client, and its
+  finals go on. Only when no worker takes it: ``error{code:"worker_lost"}`` and a ``session.end`` built
+  from the finals already relayed, then close 1011.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlencode
+from urllib.parse import SplitResult, parse_qsl, urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
@@ -37,11 +43,13 @@ from host import __version__
 from host import protocol as msg
 from host.contracts import LoadContext, WorkerDirectory, WorkerRecord
 from host.door import FrontDoor
+from host.engines import EngineSpec, Stage
 from host.frontdoor import close_now, json_response, peer_of, registry_call, unauthorized
 from host.plugins import PluginSet
-from host.protocol import Close
+from host.protocol import Close, ConfigError
 from host.registry import call_quietly
 from host.relay import Refused, RoutedSession
+from host.session_config import parse_session_config, pick_engine
 from host.settings import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,13 @@ class RouterError(Exception):
 
 CLIENT_PING_INTERVAL_S = 20.0
 """WebSocket keepalive pings to clients (``ROUTER_PING_INTERVAL_S`` is for the pings to workers)."""
+
+DEFAULT_MAX_UTTERANCE_S = 30.0
+"""An engine's ``max_utterance_s`` where its worker did not register one (the host's default)."""
+
+REPLAY_MARGIN_S = 10.0
+"""The replay buffer holds ``max_utterance_s`` plus this: the silence after the last final and an
+utterance whose final is still being decoded."""
 
 
 # --- choosing a worker ------------------------------------------------------------
@@ -164,6 +179,8 @@ class Router(FrontDoor[RouterSettings]):
     async def answer_http(self, path: str, headers: Headers, query: str) -> Response | None:
         if path == "/health":
             return json_response(*await self.health())
+        if path == "/ready":
+            return json_response(*await self.readiness())
         if path == "/workers":
             # Internal endpoints and memory: only for key holders when the router has keys.
             if not self.api_keys.allows(headers, query):
@@ -181,6 +198,31 @@ class Router(FrontDoor[RouterSettings]):
     def refusal(self) -> Close | None:
         return msg.ROUTER_DRAINING if self._closing else None
 
+    async def check_native(self, native: dict[str, str]) -> None:
+        """The worker's own check (the session's validation) against the engines workers registered:
+        bad when every worker with the engine asked for refuses it. Where the registry cannot be read,
+        no worker has the engine or one registered too little to tell, the session's routing decides."""
+        try:
+            workers = await self._dir.workers()
+        except Exception:  # noqa: BLE001 - the session's own registry read reports it
+            return
+        refused: ConfigError | None = None
+        for worker in workers:
+            specs = {engine: spec_of(description) for engine, description in worker.info.engine_catalog().items()}
+            try:
+                spec = pick_engine(native, specs)
+            except ConfigError:
+                continue  # this worker lacks the engine asked for
+            if spec is None:
+                return  # registered too little to tell: its own check answers after the upgrade
+            try:
+                parse_session_config(native, spec)
+                return  # this worker takes it
+            except ConfigError as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused
+
     async def health(self) -> tuple[int, dict]:
         body = {"status": "healthy", "role": "router", "version": __version__,
                 "uptime_s": round(time.time() - self.started_at, 1), "active_sessions": len(self.sessions)}
@@ -195,6 +237,16 @@ class Router(FrontDoor[RouterSettings]):
         if not ready:
             body["status"] = "no_workers"
         return 200, body
+
+    async def readiness(self) -> tuple[int, dict]:
+        """``GET /ready``: 200 when a ready worker has a free slot, so a session would be placed now; else
+        503 and why (``draining``, ``registry_unavailable``, ``no_workers`` or ``full``). ``/health``
+        stays 200 without workers: the router itself is alive and answers sessions (1013)."""
+        code, health = await self.health()
+        body = {k: health[k] for k in ("role", "workers", "ready_workers", "free", "error") if k in health}
+        if code != 200 or health["status"] == "no_workers":
+            return 503, {"status": health["status"], **body}
+        return (200, {"status": "ready", **body}) if health["free"] > 0 else (503, {"status": "full", **body})
 
     def describe(self, w: WorkerRecord) -> dict:
         return {
@@ -263,7 +315,7 @@ class Router(FrontDoor[RouterSettings]):
         except ConnectionClosed:
             return True  # the client left while the worker's answer was relayed
         if upstream is not None:  # None: the worker rejected the config; the client has its error and close
-            await self._relay(client, upstream, worker, lease, begin)
+            await self._relay(client, upstream, worker, lease, begin, target, headers)
         return True
 
     async def _reserve(self, worker: WorkerRecord, lease: str) -> bool:
@@ -327,29 +379,112 @@ class Router(FrontDoor[RouterSettings]):
         return None, {}
 
     async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
-                     begin: dict) -> None:
-        session = RoutedSession(ws, upstream, worker, begin, ping_interval_s=CLIENT_PING_INTERVAL_S)
+                     begin: dict, target: tuple[str, str], headers: list[tuple[str, str]]) -> None:
+        held: dict[str, Any] = {"worker": worker, "lease": lease, "renewer": asyncio.create_task(self._renew(worker, lease))}
+
+        async def reopen(session: RoutedSession) -> tuple[ClientConnection, dict, WorkerRecord] | None:
+            self.suspects.add(session.worker)
+            opened = await self._reopen(session, target, headers)
+            if opened is None:
+                return None
+            new_upstream, new_begin, new_worker, new_lease = opened
+            held["renewer"].cancel()  # the lost worker's slot: given back now (the original again at the end)
+            await self._release(held["worker"], held["lease"])
+            held.update(worker=new_worker, lease=new_lease,
+                        renewer=asyncio.create_task(self._renew(new_worker, new_lease)))
+            return new_upstream, new_begin, new_worker
+
+        session = RoutedSession(ws, upstream, worker, begin, ping_interval_s=CLIENT_PING_INTERVAL_S, reopen=reopen,
+                                max_buffer_s=max_utterance_s(worker, begin.get("engine")) + REPLAY_MARGIN_S)
         self.sessions.add(session)
-        renewer = asyncio.create_task(self._renew(worker, lease))
         t0 = time.monotonic()
         lost = False
         try:
             lost = await session.run()
         finally:
-            renewer.cancel()
+            held["renewer"].cancel()
             self.sessions.discard(session)
-            if not upstream.state.name == "CLOSED":
-                await upstream.close()
+            if held["lease"] != lease:
+                await self._release(held["worker"], held["lease"])
+            await session.close_upstream()
         if lost:
-            self.suspects.add(worker)
-        log.info("session %s on %s %s after %.1f s (%d finals)", begin.get("session_id"), worker.info.worker_id,
-                 "LOST" if lost else "ended", time.monotonic() - t0, len(session.finals))
+            self.suspects.add(session.worker)
+        log.info("session %s on %s %s after %.1f s (%d finals, %d failovers, replay buffer peak %d bytes)",
+                 begin.get("session_id"), session.worker.info.worker_id, "LOST" if lost else "ended",
+                 time.monotonic() - t0, len(session.finals), session.failovers, session.buffer_peak)
+
+    async def _reopen(self, session: RoutedSession, target: tuple[str, str], headers: list[tuple[str, str]]
+                      ) -> tuple[ClientConnection, dict, WorkerRecord, str] | None:
+        """Failover: the session opened on another worker (reserved like a new one) on its timeline."""
+        path, query = target
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        params.update(session.offsets())
+        try:
+            workers = await self._dir.workers()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("failover: registry unavailable: %s: %s", type(exc).__name__, exc)
+            return None
+        attempts = 0
+        for worker in rank(workers, Wanted.from_query(params), self.suspects):
+            if worker.info.worker_id == session.worker.info.worker_id:
+                continue
+            if attempts >= self.settings.max_attempts:
+                break
+            lease = uuid.uuid4().hex
+            if not await self._reserve(worker, lease):
+                continue
+            attempts += 1
+            try:
+                upstream, begin = await self._connect(worker, path, urlencode(params), headers)
+                return upstream, begin, worker, lease
+            except Refused as exc:
+                log.info("failover: worker %s refused (%s); trying the next", worker.info.worker_id, exc)
+            except (TimeoutError, OSError, InvalidHandshake, ConnectionClosed) as exc:
+                log.warning("failover: worker %s unreachable (%s: %s); trying the next", worker.info.worker_id,
+                            type(exc).__name__, exc)
+                self.suspects.add(worker)
+            await self._release(worker, lease)
+        log.warning("failover: no worker can take session %s", session.begin.get("session_id"))
+        return None
+
+    async def _connect(self, worker: WorkerRecord, path: str, query: str,
+                       headers: list[tuple[str, str]]) -> tuple[ClientConnection, dict]:
+        """A session on ``worker`` that has begun (for a failover: anything but session.begin is a failure)."""
+        target = worker.info.endpoint.rstrip("/") + path + f"?{query}"
+        timeout = self.settings.connect_timeout_s
+        upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
+                                 ping_interval=self.settings.ping_interval_s,
+                                 ping_timeout=2 * self.settings.ping_interval_s,
+                                 max_size=None, compression=None, close_timeout=5)
+        try:
+            first = await asyncio.wait_for(upstream.recv(), timeout)
+        except ConnectionClosed as exc:
+            await upstream.close()
+            if exc.rcvd is not None and exc.rcvd.code == msg.CloseCode.TRY_AGAIN_LATER:
+                raise Refused(exc.rcvd.reason) from None
+            raise OSError(f"worker closed {exc.rcvd.code if exc.rcvd else 1006} before session.begin") from None
+        except BaseException:
+            await upstream.close()
+            raise
+        data = json.loads(first) if isinstance(first, str) else {}
+        if data.get("type") != "session.begin":
+            await upstream.close()
+            raise OSError(f"worker answered {str(first)[:200]!r} instead of session.begin")
+        return upstream, data
 
     async def _renew(self, worker: WorkerRecord, lease: str) -> None:
         while True:
             await asyncio.sleep(self.settings.lease_ttl_s / 3)
             await call_quietly("lease renewal", self._dir.renew(worker.info.worker_id, lease,
                                                                     self.settings.lease_ttl_s))
+
+
+def max_utterance_s(worker: WorkerRecord, engine: str | None) -> float:
+    """The longest utterance ``engine`` endpoints (its ``max_utterance_s``, as the worker registered it)."""
+    description = worker.info.engine_catalog().get(engine or "") or {}
+    endpointing = description.get("endpointing") or {}
+    value = endpointing.get("max_utterance_s") if isinstance(endpointing, dict) else None
+    return float(value) if isinstance(value, (int, float)) and value > 0 else DEFAULT_MAX_UTTERANCE_S
 
 
 def engines_of(workers: list[WorkerRecord]) -> list[dict]:
@@ -361,6 +496,22 @@ def engines_of(workers: list[WorkerRecord]) -> list[dict]:
             entry = merged.setdefault(engine, {**description, "workers": 0})
             entry["workers"] += 1
     return list(merged.values())
+
+
+def spec_of(description: dict[str, Any]) -> EngineSpec | None:
+    """An engine as a worker registered it (its ``GET /engines`` description) in the form the session's
+    validation reads; None when the worker registered too little to validate against."""
+    caps = description.get("capabilities") or {}
+    if "config_schema" not in description or "models" not in caps:
+        return None
+    variants = caps.get("variants") or {}
+    served = {name: list(v["languages"]) for name, v in variants.items() if isinstance(v, dict) and v.get("languages")}
+    pipeline = {name: Stage(stage.get("component", ""), {}, provider=stage.get("plugin", ""))
+                for name, stage in (description.get("pipeline") or {}).items()}
+    return EngineSpec(id=description.get("id", ""), name=description.get("name", ""),
+                      version=description.get("version", ""), description=description.get("description", ""),
+                      file=Path(), capabilities=caps, config_schema=description["config_schema"],
+                      pipeline=pipeline, raw=description, served=served)
 
 
 def forwarded_headers(ws) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
@@ -19,11 +20,65 @@ from host.protocol import INVALID_CONFIG, Close, ConfigError, ErrorCode, error
 log = logging.getLogger(__name__)
 
 
-class Sender:
-    """Writes JSON messages to one WebSocket; counts what it sent."""
+@dataclass(frozen=True)
+class Timeline:
+    """Where a session's timeline starts (the ``time_offset``, ``segment_offset`` and ``utterance_offset``
+    parameters): a session that continues another's (the router's failover) reports its times and ids
+    shifted by these, so they go on from where the other left off."""
 
-    def __init__(self, ws):
+    time: float = 0.0
+    segment: int = 0
+    utterance: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.time or self.segment or self.utterance)
+
+    def shift(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``message`` (a server → client message) on this timeline: a shifted copy, or itself."""
+        kind = message.get("type")
+        if kind not in _TIMED:
+            if kind == "error" and message.get("utterance_id") is not None:
+                return {**message, "utterance_id": message["utterance_id"] + self.utterance}
+            return message
+        out = dict(message)
+        for key in _TIMED[kind]:
+            if out.get(key) is not None:
+                out[key] = round(out[key] + self.time, 3)
+        if out.get("utterance_id") is not None:
+            out["utterance_id"] += self.utterance
+        if kind == "transcript.final":
+            out["segment_id"] += self.segment
+            if "words" in out:
+                out["words"] = [self._word(w) for w in out["words"]]
+        elif kind == "session.end":
+            out["segments"] = [self._segment(s) for s in out["segments"]]
+        return out
+
+    def _word(self, word: dict[str, Any]) -> dict[str, Any]:
+        return {**word, "start": round(word["start"] + self.time, 3), "end": round(word["end"] + self.time, 3)}
+
+    def _segment(self, segment: dict[str, Any]) -> dict[str, Any]:
+        out = {**segment, "id": segment["id"] + self.segment, "start": round(segment["start"] + self.time, 3),
+               "end": round(segment["end"] + self.time, 3)}
+        if "words" in out:
+            out["words"] = [self._word(w) for w in out["words"]]
+        return out
+
+
+_TIMED = {
+    "vad.speech_start": ("timestamp",), "vad.speech_end": ("timestamp",), "turn.end": ("timestamp",),
+    "transcript.partial": ("start", "end"), "transcript.final": ("start", "end"),
+    "session.end": ("total_duration",),  # the session time where its audio ended; speech seconds stay its own
+}
+"""The session times each message carries (besides ``words`` and ``segments``)."""
+
+
+class Sender:
+    """Writes JSON messages to one WebSocket (on ``timeline``); counts what it sent."""
+
+    def __init__(self, ws, timeline: Timeline | None = None):
         self.ws = ws
+        self.timeline = timeline or Timeline()
         self.gone = False
         self.sent: dict[str, int] = {}
 
@@ -39,7 +94,7 @@ class Sender:
             self.gone = True
             return False
         try:
-            await send_message(self.ws, message)
+            await send_message(self.ws, self.timeline.shift(message) if self.timeline else message)
         except ConnectionClosed:
             self.gone = True
             return False

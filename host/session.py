@@ -39,7 +39,7 @@ from host.limits import TokenBucket
 from host.models import LoadedEngine
 from host.protocol import Close, ErrorCode
 from host.scheduler import FINAL
-from host.sender import Sender
+from host.sender import Sender, Timeline
 from host.services import SessionServices
 from host.session_config import SessionConfig
 from host.turn import TurnTaking
@@ -56,7 +56,7 @@ class Session(SessionControl):
         self.engine = engine
         self.config = config
         self.services = services
-        self.out = Sender(ws)
+        self.out = Sender(ws, Timeline(config.time_offset, config.segment_offset, config.utterance_offset))
         self.decoder = AudioDecoder(config.encoding, config.sample_rate, config.channels)
         self.buffer = AudioBuffer()
         self.vad = VadStage(engine.vad if config.enable_vad else None, *self._endpointing())

@@ -10,6 +10,7 @@ the type the schemas declare before validation, and defaults are applied.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -28,8 +29,14 @@ AUDIO_SCHEMA = {
         "sample_rate": {"type": "integer", "minimum": MIN_RATE, "maximum": MAX_RATE, "default": 16000},
         "channels": {"type": "integer", "enum": [1, 2], "default": 1},
         "api_key": {"type": "string"},
+        "time_offset": {"type": "number", "minimum": 0, "maximum": 1e7, "default": 0},
+        "segment_offset": {"type": "integer", "minimum": 0, "maximum": 1e9, "default": 0},
+        "utterance_offset": {"type": "integer", "minimum": 0, "maximum": 1e9, "default": 0},
     },
 }
+"""``time_offset``, ``segment_offset``, ``utterance_offset``: where this session's timeline starts, so
+that it continues another's (the router's failover): every session time it reports is shifted by
+``time_offset`` seconds, and its segment and utterance ids start at the offsets (host/sender.py)."""
 
 CORE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -76,6 +83,9 @@ class SessionConfig:
     turn_events: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     """Engine-specific parameters declared by its config_schema."""
+    time_offset: float = 0.0
+    segment_offset: int = 0
+    utterance_offset: int = 0
     model_named: bool = False
     """Whether the client chose ``model`` itself; if not, a language its variant does not serve moves
     the session to one that does (:func:`variant_for`)."""
@@ -85,6 +95,9 @@ class SessionConfig:
         out = asdict(self)
         out.pop("engine")
         out.pop("model_named")
+        for name in ("time_offset", "segment_offset", "utterance_offset"):
+            if not out[name]:  # echoed only when set: a session that continues no other's looks as before
+                out.pop(name)
         out.update(out.pop("extra"))
         return out
 
@@ -118,6 +131,8 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
         values[name] = _coerce(name, raw, schemas)
 
     audio = _checked(AUDIO_SCHEMA, {k: v for k, v in values.items() if k in AUDIO_SCHEMA["properties"]})
+    if not math.isfinite(audio["time_offset"]):  # NaN passes the schema's bounds
+        raise ConfigError("time_offset", f"expected a finite number of seconds, got {query['time_offset']!r}")
     session = {k: v for k, v in values.items() if k not in AUDIO_SCHEMA["properties"]}
     session = _checked(engine.config_schema, session)
     session = _checked(CORE_SCHEMA, session)
@@ -138,6 +153,9 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
         encoding=audio["encoding"],
         sample_rate=audio["sample_rate"],
         channels=audio["channels"],
+        time_offset=float(audio["time_offset"]),
+        segment_offset=audio["segment_offset"],
+        utterance_offset=audio["utterance_offset"],
         endpointing=effective_endpointing(session["endpointing"], engine),
         eagerness=session["eagerness"],
         silence_ms=session["silence_ms"],

@@ -257,3 +257,17 @@ async def test_alias_path(idle_worker, speech_by_id):
     audio = concat(read_wav(speech_by_id["jfk"].path), silence(1.0))
     result = await stream(f"{idle_worker.url}/v1/audio/transcriptions/stream", audio, speed=None)
     assert result.finals and result.close_code == 1000
+
+
+def test_docs_list_every_endpointing_option_and_health_field(worker):
+    """docs/protocol.md's endpointing table names every option, and its /health example every field."""
+    from pathlib import Path
+
+    from host.endpointing_options import ENDPOINTING_KEYS
+
+    docs = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    table = docs[docs.index("#### Endpointing options"):docs.index("#### Transcripts")]
+    assert {k for k in ENDPOINTING_KEYS if f"| `{k}` |" not in table} == set()
+    status, body = http_get(worker.http + "/health")
+    example = json.loads(docs[docs.index("`GET /health`, ready:"):].split("```json", 1)[1].split("```", 1)[0])
+    assert status == 200 and set(body) == set(example)

@@ -283,10 +283,16 @@ async def test_worker_death_reports_worker_lost_and_new_sessions_avoid_it(cluste
     await asyncio.wait_for(got_final.wait(), 60)
     victim = next(w for w in workers if w.health()["active_sessions"] == 1)
     survivor = next(w for w in workers if w is not victim)
+    # The survivor full (sessions straight to it): no worker can take the lost session over, so the
+    # client gets the worker_lost error (with room, it fails over: tests/test_failover.py).
+    filling = [await open_session(session_url(survivor.url)) for _ in range(2)]
     victim.proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     result = await asyncio.wait_for(running, 30)
     lost_after = time.monotonic() - killed_at
+    for ws, _ in filling:
+        await ws.close()
+    assert await wait_active([survivor], [0]) == [0]
 
     (error,) = result.of("error")
     assert error["code"] == "worker_lost" and error["recoverable"] is False
