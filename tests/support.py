@@ -348,3 +348,41 @@ async def read_frames_until_close(reader: asyncio.StreamReader) -> list[tuple[in
         frames.append((b0 & 0x0F, await reader.readexactly(n)))
         if frames[-1][0] == 0x8:
             return frames
+
+
+def router_cluster(tmp: Path, prefix: str, heartbeat_s: float):
+    """Redis, two workers of capacity 2 (ids ``<prefix>1``, ``<prefix>2``) and a router, all real
+    processes, once both workers are ready in the router's view; yields (redis, workers, router)."""
+    redis_server = RedisServer(tmp)
+    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL_S": str(heartbeat_s)}
+    workers = [WorkerProcess(tmp, env=env, max_sessions=2, worker_id=f"{prefix}{i}") for i in (1, 2)]
+    router = RouterProcess(tmp, redis_server.url)
+    try:
+        for w in workers:
+            w.wait_healthy()
+        router.wait_healthy()
+        deadline = time.monotonic() + 10
+        while len([w for w in router.workers() if w["status"] == "ready"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        yield redis_server, workers, router
+    finally:
+        router.stop()
+        for w in workers:
+            w.stop()
+        redis_server.stop()
+    assert "Traceback" not in router.log(), router.log()
+
+
+async def collect(ws) -> list[dict]:
+    """Every JSON message until the server closes, whatever the close code."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    messages = []
+    try:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+    except ConnectionClosed:
+        pass
+    return messages

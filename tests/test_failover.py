@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import time
 from itertools import pairwise
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
-from .support import RedisServer, RouterProcess, WorkerProcess
+from .support import router_cluster
 
 pytest.importorskip("redis")
 
@@ -26,25 +25,7 @@ SPEED = 2.0  # × real time, like a live microphone
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Redis, two workers of capacity 2 and a router, all real processes."""
-    tmp = tmp_path_factory.mktemp("failover")
-    redis_server = RedisServer(tmp)
-    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)}
-    workers = [WorkerProcess(tmp, env=env, max_sessions=2, worker_id=f"f{i}") for i in (1, 2)]
-    router = RouterProcess(tmp, redis_server.url)
-    try:
-        for w in workers:
-            w.wait_healthy()
-        router.wait_healthy()
-        deadline = time.monotonic() + 10
-        while len([w for w in router.workers() if w["status"] == "ready"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield redis_server, workers, router
-    finally:
-        router.stop()
-        for w in workers:
-            w.stop()
-        redis_server.stop()
-    assert "Traceback" not in router.log(), router.log()
+    yield from router_cluster(tmp_path_factory.mktemp("failover"), "f", HEARTBEAT_S)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,17 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from host.client import read_wav, session_url
 
-from .support import ENGINES, ROOT, RedisServer, RouterProcess, ServedProcess, WorkerProcess, free_port, http_get
+from .support import (
+    ENGINES,
+    ROOT,
+    RedisServer,
+    RouterProcess,
+    ServedProcess,
+    WorkerProcess,
+    collect,
+    free_port,
+    http_get,
+)
 
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 KEY = "ready-test-key"
@@ -79,13 +89,7 @@ async def finish(ws: ClientConnection, audio: bytes = b"") -> list[dict]:
     for i in range(0, len(audio), 3200):
         await ws.send(audio[i:i + 3200])
     await ws.send(json.dumps({"type": "end"}))
-    messages = []
-    try:
-        async for raw in ws:
-            messages.append(json.loads(raw))
-    except ConnectionClosed:
-        pass
-    return messages
+    return await collect(ws)
 
 
 async def refused(url: str, headers: dict | None = None) -> tuple[int | None, str]:

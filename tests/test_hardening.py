@@ -9,11 +9,11 @@ import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from host.client import concat, read_wav, session_url, silence, stream
 
-from .support import WorkerProcess, http_get, metrics
+from .support import WorkerProcess, collect, http_get, metrics
 
 KEYS = ("key-one", "key-two")
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
@@ -32,17 +32,6 @@ def guarded(tmp_path_factory):
     log = w.log()
     assert "Traceback" not in log, log
     assert not any(k in log for k in KEYS), "an API key was logged"
-
-
-async def collect(ws) -> list[dict]:
-    """Every message until the server closes, whatever the close code."""
-    messages = []
-    try:
-        async for raw in ws:
-            messages.append(json.loads(raw))
-    except ConnectionClosed:
-        pass
-    return messages
 
 
 async def refused_status(url: str, headers=None) -> int:

@@ -18,13 +18,12 @@ from host.client import concat, read_wav, session_url, silence, stream
 from host.wer import word_errors
 
 from .support import (
-    RedisServer,
     RouterProcess,
-    WorkerProcess,
     free_port,
     handshake,
     http_get,
     raw_exchange,
+    router_cluster,
     run_compat_snippet,
 )
 
@@ -36,25 +35,7 @@ HEARTBEAT_S = 0.5
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Redis, two workers of capacity 2 and a router, all real processes."""
-    tmp = tmp_path_factory.mktemp("cluster")
-    redis_server = RedisServer(tmp)
-    env = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S)}
-    workers = [WorkerProcess(tmp, env=env, max_sessions=2, worker_id=f"w{i}") for i in (1, 2)]
-    router = RouterProcess(tmp, redis_server.url)
-    try:
-        for w in workers:
-            w.wait_healthy()
-        router.wait_healthy()
-        deadline = time.monotonic() + 10
-        while len([w for w in router.workers() if w["status"] == "ready"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        yield redis_server, workers, router
-    finally:
-        router.stop()
-        for w in workers:
-            w.stop()
-        redis_server.stop()
-    assert "Traceback" not in router.log(), router.log()
+    yield from router_cluster(tmp_path_factory.mktemp("cluster"), "w", HEARTBEAT_S)
 
 
 def active(workers) -> list[int]:
