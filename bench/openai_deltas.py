@@ -84,9 +84,10 @@ async def main() -> None:
     parser.add_argument("--url", required=True, help="a running worker, ws://host:port")
     parser.add_argument("--limit", type=int, default=24)
     parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--modes", default="live,final", help="comma-separated ?deltas= values to run")
     args = parser.parse_args()
     rows = list(csv.DictReader(MANIFEST.open(), delimiter="\t"))[: args.limit]
-    for mode in ("live", "final"):
+    for mode in args.modes.split(","):
         items = prefix = 0
         live: list[float] = []
         wer = WerCounts(0, 0)
