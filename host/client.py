@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 
 @dataclass
@@ -104,9 +104,19 @@ async def stream(
     on_message: Callable[[dict[str, Any]], None] | None = None,
     chunks: list[bytes] | None = None,
     on_sent: Callable[[int], None] | None = None,
+    resume: bool = False,
+    on_connected: Callable[[Any], None] | None = None,
 ) -> StreamResult:
     """Send ``audio`` in ``chunk_s`` frames (at ``speed`` × real time; None: as fast as possible),
-    then ``end``, and collect every message until the server closes."""
+    then ``end``, and collect every message until the server closes.
+
+    ``resume``: open a resumable session and, when the connection is lost, reconnect with backoff and
+    resume it (docs/protocol.md, "Resume"): the messages missed are replayed, the audio the server
+    lacks is sent again, and ``messages`` holds each message once (plus each ``session.resumed``).
+    ``on_connected`` is called with each new connection."""
+    if resume:
+        return await stream_source(url, _paced(audio, chunk_s, speed), end=end, on_message=on_message,
+                                   on_connected=on_connected, on_sent=on_sent)
     result = StreamResult()
     step = int(audio.sample_rate * chunk_s) * 2 * audio.channels
     frames = chunks if chunks is not None else [audio.pcm[i:i + step] for i in range(0, len(audio.pcm), step)]
@@ -153,3 +163,155 @@ async def stream(
         finally:
             receiver.cancel()
     return result
+
+
+RESUME_TRIES = 8
+"""Reconnects tried in a row (backoff 0.1 s doubling to 3.2 s) before a lost session is given up."""
+
+
+RESEND_CHUNK = 19200
+"""Audio sent again after a resume goes in frames of this many bytes (a multiple of every frame size)."""
+
+
+async def _paced(audio: Audio, chunk_s: float, speed: float | None) -> AsyncIterator[bytes]:
+    """``audio`` in ``chunk_s`` frames, each once all its audio has "happened" (at ``speed`` × real time)."""
+    step = int(audio.sample_rate * chunk_s) * 2 * audio.channels
+    rate = 2 * audio.channels * audio.sample_rate  # bytes per second
+    started = time.monotonic()
+    for i in range(0, len(audio.pcm), step):
+        frame = audio.pcm[i:i + step]
+        if speed:
+            await asyncio.sleep(max(0.0, started + (i + len(frame)) / rate / speed - time.monotonic()))
+        yield frame
+
+
+async def stream_source(url: str, frames: AsyncIterator[bytes], *, end: bool = True,
+                        on_message: Callable[[dict[str, Any]], None] | None = None,
+                        on_connected: Callable[[Any], None] | None = None,
+                        on_sent: Callable[[int], None] | None = None,
+                        interruptible: bool = False) -> StreamResult:
+    """One resumable session (docs/protocol.md, "Resume") fed from ``frames`` (a file, a microphone),
+    over as many connections as it takes: a connection lost (no close frame, or a refused connect)
+    is reconnected with backoff (0.1 s doubling, :data:`RESUME_TRIES` in a row) and resumed with
+    ``resume=<token>&last_seq=<n>``; the audio the server lacks (``session.resumed.audio_bytes`` on,
+    kept since the last ``audio.ack``) is sent again, and ``messages`` holds each message once (plus
+    each ``session.resumed``). When ``frames`` ends: ``end`` (with ``end``). ``interruptible``: a
+    cancellation (Ctrl-C) while waiting for a frame ends the source instead of the session.
+    A ``warning`` with ``resumable: false`` (the router failed the session over) ends resuming."""
+    result = StreamResult()
+    base = url.split("?", 1)[0]
+    target = url + ("&" if "?" in url else "?") + "resumable=true"
+    token: str | None = None
+    last_seq, tries = 0, 0
+    kept = bytearray()  # the client's audio from byte `kept_from` on: what the server may still need
+    kept_from, taken, exhausted = 0, 0, False
+    next_frame: asyncio.Task | None = None
+
+    async def take() -> bytes | None:
+        try:
+            return await anext(frames)
+        except StopAsyncIteration:
+            return None
+
+    result.started_at = time.monotonic()
+    try:
+        while True:
+            try:
+                ws = await connect(target, max_size=None, open_timeout=30, ping_interval=None)
+            except (OSError, TimeoutError, InvalidHandshake):
+                if token is None or tries >= RESUME_TRIES:
+                    raise
+                await asyncio.sleep(0.1 * 2 ** tries)
+                tries += 1
+                continue
+            if on_connected is not None:
+                on_connected(ws)
+            done = in_use = False
+            position = 0
+            async with ws:
+                first = True
+                opened = asyncio.Event()
+
+                async def receive(ws: Any, opened: asyncio.Event) -> None:
+                    nonlocal first, token, last_seq, position, done, tries, in_use, kept_from
+                    try:
+                        async for raw in ws:
+                            message = json.loads(raw)
+                            kind = message["type"]
+                            if first:
+                                first = False
+                                if kind == "session.resumed":
+                                    position, tries = message["audio_bytes"], 0
+                                elif kind == "session.begin":
+                                    token = message.get("resume_token")
+                                elif message.get("code") == "resume_in_use":
+                                    in_use = True  # the server has not seen the old connection go yet: retry
+                                    return
+                                opened.set()
+                            if message.get("seq", 0) and message["seq"] <= last_seq:
+                                continue  # never happens with a correct server; keeps the list free of repeats
+                            last_seq = message.get("seq", last_seq)
+                            if kind == "audio.ack" and message.get("bytes", 0) > kept_from:
+                                del kept[:message["bytes"] - kept_from]  # never needed again
+                                kept_from = message["bytes"]
+                            elif kind == "warning" and message.get("resumable") is False:
+                                token = None  # failed over behind the router: not resumable any more
+                            result.messages.append(message)
+                            result.received_at.append(time.monotonic())
+                            if on_message is not None:
+                                on_message(message)
+                            if kind == "session.end" or (kind == "error" and not message.get("recoverable", True)):
+                                done = kind == "session.end" or message["code"].startswith("resume")
+                    except ConnectionClosed:
+                        pass
+                    finally:
+                        opened.set()
+
+                receiver = asyncio.create_task(receive(ws, opened))
+                try:
+                    await opened.wait()  # session.begin or session.resumed (which says where the audio goes on)
+                    try:
+                        # What the server lacks of the audio already taken (after a resume).
+                        for i in range(max(position, kept_from) - kept_from, len(kept), RESEND_CHUNK):
+                            if receiver.done():
+                                break
+                            await ws.send(bytes(kept[i:i + RESEND_CHUNK]))
+                        while not exhausted and not receiver.done():
+                            if next_frame is None:
+                                next_frame = asyncio.create_task(take())
+                            try:
+                                await asyncio.wait({next_frame, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                            except asyncio.CancelledError:
+                                if not interruptible:
+                                    raise
+                                exhausted = True  # Ctrl-C: the source ends, the session ends with `end`
+                                break
+                            if not next_frame.done():
+                                break  # the connection ended: the frame goes to the next one
+                            frame = next_frame.result()
+                            next_frame = None
+                            if frame is None:
+                                exhausted = True
+                                break
+                            kept.extend(frame)
+                            taken += len(frame)
+                            await ws.send(frame)
+                            if on_sent is not None:
+                                on_sent(len(frame))
+                        if end and exhausted and not receiver.done():
+                            await ws.send(json.dumps({"type": "end"}))
+                    except ConnectionClosed:
+                        pass
+                    await receiver
+                finally:
+                    receiver.cancel()
+            result.close_code, result.close_reason = ws.close_code, ws.close_reason or ""
+            lost = ws.close_code in (None, 1006) or in_use
+            if done or token is None or not lost or result.end is not None or tries >= RESUME_TRIES:
+                return result
+            await asyncio.sleep(0.1 * 2 ** tries)
+            tries += 1
+            target = f"{base}?resume={token}&last_seq={last_seq}"
+    finally:
+        if next_frame is not None:
+            next_frame.cancel()

@@ -51,6 +51,7 @@ ROUTER_DRAINING = Close(CloseCode.TRY_AGAIN_LATER, "Router draining")
 REGISTRY_UNAVAILABLE = Close(CloseCode.TRY_AGAIN_LATER, "Registry unavailable")
 NO_WORKER = Close(CloseCode.TRY_AGAIN_LATER, "No worker available")
 NO_WORKER_REGISTERED = Close(CloseCode.TRY_AGAIN_LATER, "No worker registered")
+RESUME_REFUSED = Close(CloseCode.POLICY_VIOLATION, "Resume refused")
 
 
 def not_ready(status: str) -> Close:
@@ -72,6 +73,9 @@ class ErrorCode(StrEnum):
     MAX_DURATION = "max_duration"
     RATE_LIMITED = "rate_limited"
     WORKER_LOST = "worker_lost"
+    INVALID_RESUME = "invalid_resume"
+    RESUME_EXPIRED = "resume_expired"
+    RESUME_IN_USE = "resume_in_use"
 
 
 CLIENT_ERRORS = frozenset({ErrorCode.INVALID_JSON, ErrorCode.UNKNOWN_MESSAGE, ErrorCode.INVALID_CONFIG,
@@ -151,6 +155,19 @@ def error(code: ErrorCode | str, message: str, recoverable: bool, *, utterance_i
     if param:
         out["param"] = param
     return out
+
+
+def audio_ack(time: float, audio_bytes: int) -> dict[str, Any]:
+    """The client's audio before ``audio_bytes`` (session time ``time``) is final: every utterance
+    before it has its final, and the server will never need it again (resumable sessions)."""
+    return {"type": "audio.ack", "time": round(time, 3), "bytes": audio_bytes}
+
+
+def session_resumed(session_id: str, last_seq: int, audio_bytes: int, ack: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer to a resume: messages after ``last_seq`` follow; the server holds the client's audio
+    up to ``audio_bytes`` (send the rest from there); ``ack``: the latest ``audio.ack`` (or None)."""
+    return {"type": "session.resumed", "session_id": session_id, "last_seq": last_seq, "audio_bytes": audio_bytes,
+            "ack_time": ack["time"] if ack else 0.0, "ack_bytes": ack["bytes"] if ack else 0}
 
 
 def warning(code: ErrorCode | str, message: str, **extra: Any) -> dict[str, Any]:

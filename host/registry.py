@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import Any, Protocol, runtime_checkable
 
 from host.contracts import Registry, SessionRecord, WorkerInfo, WorkerStatus
 from host.hookspecs import hookimpl
@@ -26,6 +27,26 @@ OPTIONS_SCHEMA = {
     },
     "additionalProperties": False,
 }
+
+
+@runtime_checkable
+class ResumeDirectory(Protocol):
+    """Optional part of a shared registry: where a resumable session can be found by its resume token,
+    so that a router resolves ``?resume=<token>`` to the worker holding the session (docs/protocol.md,
+    "Resume"). The worker holds a record while the session lives (renewed before its TTL runs out) and
+    drops it when the session ends; a worker that dies leaves it to expire with the TTL."""
+
+    async def hold_resume(self, token: str, record: dict[str, Any], ttl_s: float) -> None:
+        """Write (or renew) ``token``'s record (``worker_id``, ``endpoint``, ``session_id``...) for ``ttl_s``."""
+        ...
+
+    async def drop_resume(self, token: str) -> None:
+        """The session of ``token`` ended: its record goes."""
+        ...
+
+    async def find_resume(self, token: str) -> dict[str, Any] | None:
+        """``token``'s record, or None when no live session holds it."""
+        ...
 
 
 class InMemoryRegistry:

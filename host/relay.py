@@ -9,6 +9,10 @@ final's utterance ended), the buffered audio is replayed to it at full speed, an
 client gets a recoverable ``warning{code:"worker_lost"}``, never the new worker's ``session.begin``, and
 one ``session.end`` whose segments are every final it got. Only when no worker takes the session does
 the client get ``error{code:"worker_lost"}`` and a ``session.end`` built from the finals relayed.
+
+A resumable session (its ``resume_token``) whose client connection is lost without a close frame has
+its worker connection dropped the same way, so that the worker parks it for a resume through any
+router; after a failover it is no longer resumable (the warning says ``"resumable": false``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class RoutedSession:
     max_buffer_s: float = 40.0
     """The most audio kept for a replay (the engine's ``max_utterance_s`` plus a margin)."""
     failovers: int = 0
+    first: dict | None = None
+    """The first message to the client instead of ``begin`` (a resume: the worker's ``session.resumed``)."""
     buffer_peak: int = 0
     """The most bytes the replay buffer held in this session."""
     _forwarding: bool = False  # a frame is on its way to the worker, which may not be reading (backpressure)
@@ -89,7 +95,10 @@ class RoutedSession:
     _last_turn: float = float("-inf")
     _next_utterance: int = 0
     _seam_finals: int = 0  # finals relayed before the current worker took the session
+    _last_seq: int = 0  # the seq of the last message relayed (native sessions number their messages)
+    _seq_base: int = 0  # added to the current worker's seq after a failover, so the client's goes on
     _in_a_row: int = 0  # failovers since the last final
+    _byte_base: int = 0  # the client's audio bytes before the current worker's first (audio.ack after a failover)
 
     def __post_init__(self) -> None:
         config = self.begin.get("config", {})
@@ -98,6 +107,21 @@ class RoutedSession:
         self._origin = float(config.get("time_offset") or 0.0)  # the session time of the client's first byte
         self._next_utterance = int(config.get("utterance_offset") or 0)
         self._max_bytes = int(self.max_buffer_s * self._rate) // self._frame * self._frame
+        self._numbered = isinstance(self.begin.get("seq"), int)
+        self._last_seq = self.begin.get("seq") or 0
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a lost client connection parks the session on its worker for a resume: a resumable
+        session (its ``resume_token``) that has not failed over (the new worker's session has another token)."""
+        return bool(self.begin.get("resume_token")) and not self.failovers
+
+    def _numbered_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A message of the router's own, numbered after the last relayed (when the session numbers them)."""
+        if self._numbered:
+            self._last_seq += 1
+            message = {**message, "seq": self._last_seq}
+        return message
 
     # --- the replay buffer -------------------------------------------------------
 
@@ -161,7 +185,7 @@ class RoutedSession:
     async def run(self) -> bool:
         """Relay until either side ends; True when the worker was lost mid-session and none took it."""
         try:
-            await self.client.send(json.dumps(self.begin))
+            await self.client.send(json.dumps(self.first or self.begin))
         except ConnectionClosed:
             return False  # the client left while we were finding it a worker
         upward = asyncio.create_task(self._client_to_worker())
@@ -224,7 +248,21 @@ class RoutedSession:
         # The client is gone: closing the worker's side makes it finalize and record the session.
         self._client_gone = True
         async with self._lock:
+            if self.resumable and not self._end_sent and not self.stopping and self._client_lost():
+                # Lost, not left: the worker must see its connection lost too (no close frame), so that it
+                # parks the session for a resume through any router (docs/protocol.md, "Resume").
+                self._closed_by_us = True
+                transport = getattr(self.upstream, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                    log.info("session %s: client connection lost; worker connection dropped so that it parks "
+                             "the session", self.begin.get("session_id"))
             await self.close_upstream()
+
+    def _client_lost(self) -> bool:
+        """Whether the client's connection was lost rather than closed: no close frame came from it."""
+        protocol = getattr(self.client, "protocol", None)
+        return protocol is not None and getattr(protocol, "close_rcvd", None) is None
 
     async def _worker_to_client(self) -> bool:
         while True:
@@ -252,6 +290,12 @@ class RoutedSession:
         if not isinstance(data, dict):
             return message
         kind = data.get("type")
+        renumbered = False
+        if isinstance(data.get("seq"), int):
+            if self._seq_base:  # after a failover: the new worker counts from 1
+                data["seq"] += self._seq_base
+                renumbered = True
+            self._last_seq = data["seq"]
         if isinstance(data.get("utterance_id"), int):
             self._next_utterance = max(self._next_utterance, data["utterance_id"] + 1)
         if kind in ("vad.speech_start", "vad.speech_end"):
@@ -272,13 +316,16 @@ class RoutedSession:
             self.finals.append(data)
             self._in_a_row = 0
             self._final_relayed(data)
+        elif kind == "audio.ack" and self._byte_base and isinstance(data.get("bytes"), int):
+            data["bytes"] += self._byte_base  # the new worker counts the client's bytes from its first
+            renumbered = True
         elif kind == "flush.done":
             self._flushes = max(0, self._flushes - 1)
         elif kind == "session.end":
             self.ended = True
             if self.failovers:
                 return json.dumps(self._merged_end(data), ensure_ascii=False)
-        return message
+        return json.dumps(data, ensure_ascii=False) if renumbered else message
 
     def _merged_end(self, end: dict) -> dict:
         """The last worker's ``session.end`` with the finals of the workers before it in front: its
@@ -311,20 +358,24 @@ class RoutedSession:
                 opened = None
             if opened is None:
                 return False
+            resumable = self.resumable
             self.upstream, _begin, self.worker = opened
             self.failovers += 1
+            self._byte_base = self._dropped
             self._seam_finals = len(self.finals)
             self._speech_ends = []
             log.info("session %s: worker %s lost; continued on %s at %.3f s (replaying %d bytes)",
                      self.begin.get("session_id"), lost.info.worker_id, self.worker.info.worker_id,
                      self.buffer_start, len(self._audio))
             try:
-                await self.client.send(json.dumps(msg.warning(
+                await self.client.send(json.dumps(self._numbered_message(msg.warning(
                     ErrorCode.WORKER_LOST, f"worker {lost.info.worker_id} went away; the session goes on on "
                     f"{self.worker.info.worker_id} from {self.buffer_start:.3f} s, with nothing lost",
-                    resumed_at=round(self.buffer_start, 3))))
+                    resumed_at=round(self.buffer_start, 3), **({"resumable": False} if resumable else {})))))
             except ConnectionClosed:
                 pass  # the client left: the loop ends the session
+            # The new worker's session.begin (seq 1) is not relayed: its next message follows this warning.
+            self._seq_base = self._last_seq - 1
             try:
                 for config in self._configs:
                     await self.upstream.send(config)
@@ -349,11 +400,11 @@ class RoutedSession:
         segments = [segment_of(f) for f in self.finals]
         speech = sum(s["end"] - s["start"] for s in segments if s["end"] is not None and s["start"] is not None)
         try:
-            await self.client.send(json.dumps(msg.error(
+            await self.client.send(json.dumps(self._numbered_message(msg.error(
                 ErrorCode.WORKER_LOST, f"worker {self.worker.info.worker_id} went away mid-session and no worker "
-                "could take the session over; the finals sent so far are kept in session.end", recoverable=False)))
-            await self.client.send(json.dumps(msg.session_end_of(
-                self.begin.get("session_id"), duration, speech, segments, incomplete=True)))
+                "could take the session over; the finals sent so far are kept in session.end", recoverable=False))))
+            await self.client.send(json.dumps(self._numbered_message(msg.session_end_of(
+                self.begin.get("session_id"), duration, speech, segments, incomplete=True))))
             await self.client.close(*msg.WORKER_LOST)
         except ConnectionClosed:
             pass

@@ -18,6 +18,10 @@ client sees the worker's protocol unchanged.
   since its last final replayed, a recoverable ``warning{code:"worker_lost"}`` to the client, and its
   finals go on. Only when no worker takes it: ``error{code:"worker_lost"}`` and a ``session.end`` built
   from the finals already relayed, then close 1011.
+- Resume (docs/protocol.md, "Resume"): ``resumable`` goes to the worker; a client connection lost
+  without a close frame drops the worker's connection the same way, so the worker parks the session;
+  ``?resume=<token>&last_seq=<n>`` on any router finds the worker holding it through the registry's
+  token record (:class:`~host.registry.ResumeDirectory`) and relays the resume there.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from host.engines import EngineSpec, Stage
 from host.frontdoor import close_now, json_response, peer_of, registry_call, unauthorized
 from host.plugins import PluginSet
 from host.protocol import Close, ConfigError
-from host.registry import call_quietly
+from host.registry import ResumeDirectory, call_quietly
 from host.relay import Refused, RoutedSession
 from host.session_config import parse_session_config, pick_engine
 from host.settings import RouterSettings
@@ -264,6 +268,9 @@ class Router(FrontDoor[RouterSettings]):
                             dialect: Any) -> None:
         client: Any = ws
         target = (url.path, url.query)
+        if dialect is None and "resume" in query:
+            await self._resume(ws, url, query)
+            return
         if dialect is not None:
             # The router speaks the vendor's protocol itself and native /session to the worker,
             # so it sees session.begin and the finals like in any routed session.
@@ -318,6 +325,53 @@ class Router(FrontDoor[RouterSettings]):
             await self._relay(client, upstream, worker, lease, begin, target, headers)
         return True
 
+    async def _resume(self, ws: ServerConnection, url: SplitResult, query: dict[str, str]) -> None:
+        """``?resume=<token>&last_seq=<n>``: the worker holding the parked session, found by its token in the
+        registry (a :class:`~host.registry.ResumeDirectory`), resumes it; its ``session.resumed``, the
+        replay and the rest of the session are relayed. Refusals as the worker's own (docs/protocol.md, "Resume")."""
+        token = query.get("resume", "")
+        if not isinstance(self._dir, ResumeDirectory):
+            await refuse_resume(ws, "this router's registry cannot find sessions by resume token")
+            return
+        try:
+            record = await self._dir.find_resume(token) if token else None
+            workers = await self._dir.workers() if record is not None else []
+        except Exception as exc:  # noqa: BLE001
+            log.warning("registry unavailable: %s: %s", type(exc).__name__, exc)
+            await close_now(ws, *msg.REGISTRY_UNAVAILABLE)
+            return
+        if record is None:
+            await refuse_resume(ws, "unknown resume token")  # the worker's own answer
+            return
+        worker = next((w for w in workers if w.info.worker_id == record.get("worker_id")), None)
+        if worker is None:
+            await refuse_resume(ws, f"the worker holding this session ({record.get('worker_id')}) is gone; "
+                                "start a new session", msg.ErrorCode.RESUME_EXPIRED)
+            return
+        headers = forwarded_headers(ws)
+        try:
+            upstream, first = await self._open(ws, worker, url.path, url.query, headers)
+        except Refused as exc:  # draining: like a new session
+            await close_now(ws, msg.CloseCode.TRY_AGAIN_LATER, str(exc) or "Server draining")
+            return
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
+            log.warning("resume: worker %s unreachable at %s (%s: %s)", worker.info.worker_id,
+                        worker.info.endpoint, type(exc).__name__, exc)
+            await refuse_resume(ws, f"the worker holding this session ({worker.info.worker_id}) cannot be "
+                                "reached; start a new session", msg.ErrorCode.RESUME_EXPIRED)
+            return
+        except ConnectionClosed:
+            return  # the client left while the worker's answer was relayed
+        if upstream is None:
+            return  # refused (resume_in_use, ...): the client has the worker's error and close
+        # What the relay needs of the session's session.begin, from the worker's record of it.
+        begin = {"type": "session.begin", "session_id": first.get("session_id") or record.get("session_id"),
+                 "engine": record.get("engine"), "config": record.get("config") or {},
+                 "seq": first.get("last_seq") or 0, "resume_token": token}
+        log.info("session %s resumed on %s through this router after seq %s", begin["session_id"],
+                 worker.info.worker_id, begin["seq"])
+        await self._relay(ws, upstream, worker, None, begin, (url.path, url.query), headers, first=first)
+
     async def _reserve(self, worker: WorkerRecord, lease: str) -> bool:
         try:
             return await self._dir.reserve(worker.info.worker_id, lease, self.settings.lease_ttl_s)
@@ -365,7 +419,7 @@ class Router(FrontDoor[RouterSettings]):
                 raise Refused(exc.rcvd.reason if exc.rcvd else "") from None
             raise OSError(f"worker closed {code} before session.begin") from None
         data = json.loads(first) if isinstance(first, str) else {}
-        if data.get("type") == "session.begin":
+        if data.get("type") in ("session.begin", "session.resumed"):
             return upstream, data
         # An error before session.begin (e.g. invalid_config): relay it and the close as they are.
         try:
@@ -378,9 +432,14 @@ class Router(FrontDoor[RouterSettings]):
         await close_now(ws, upstream.close_code or msg.CloseCode.POLICY_VIOLATION, upstream.close_reason or "")
         return None, {}
 
-    async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str,
-                     begin: dict, target: tuple[str, str], headers: list[tuple[str, str]]) -> None:
-        held: dict[str, Any] = {"worker": worker, "lease": lease, "renewer": asyncio.create_task(self._renew(worker, lease))}
+    async def _relay(self, ws: ServerConnection, upstream: ClientConnection, worker: WorkerRecord, lease: str | None,
+                     begin: dict, target: tuple[str, str], headers: list[tuple[str, str]],
+                     first: dict | None = None) -> None:
+        """Relay a session (``lease``: this router's reservation on ``worker``; None for a resume, whose
+        parked session holds its slot). A resumed session (``first``: its ``session.resumed``) does not fail
+        over: this router lacks its audio before the resume and its finals before it (docs/protocol.md)."""
+        held: dict[str, Any] = {"worker": worker, "lease": lease,
+                                "renewer": asyncio.create_task(self._renew(worker, lease)) if lease else None}
 
         async def reopen(session: RoutedSession) -> tuple[ClientConnection, dict, WorkerRecord] | None:
             self.suspects.add(session.worker)
@@ -388,13 +447,15 @@ class Router(FrontDoor[RouterSettings]):
             if opened is None:
                 return None
             new_upstream, new_begin, new_worker, new_lease = opened
-            held["renewer"].cancel()  # the lost worker's slot: given back now (the original again at the end)
-            await self._release(held["worker"], held["lease"])
+            if held["renewer"] is not None:  # the lost worker's slot: given back now (the original again at the end)
+                held["renewer"].cancel()
+                await self._release(held["worker"], held["lease"])
             held.update(worker=new_worker, lease=new_lease,
                         renewer=asyncio.create_task(self._renew(new_worker, new_lease)))
             return new_upstream, new_begin, new_worker
 
-        session = RoutedSession(ws, upstream, worker, begin, ping_interval_s=CLIENT_PING_INTERVAL_S, reopen=reopen,
+        session = RoutedSession(ws, upstream, worker, begin, ping_interval_s=CLIENT_PING_INTERVAL_S,
+                                reopen=reopen if first is None else None, first=first,
                                 max_buffer_s=max_utterance_s(worker, begin.get("engine")) + REPLAY_MARGIN_S)
         self.sessions.add(session)
         t0 = time.monotonic()
@@ -402,9 +463,10 @@ class Router(FrontDoor[RouterSettings]):
         try:
             lost = await session.run()
         finally:
-            held["renewer"].cancel()
+            if held["renewer"] is not None:
+                held["renewer"].cancel()
             self.sessions.discard(session)
-            if held["lease"] != lease:
+            if held["lease"] is not None and held["lease"] != lease:
                 await self._release(held["worker"], held["lease"])
             await session.close_upstream()
         if lost:
@@ -512,6 +574,15 @@ def spec_of(description: dict[str, Any]) -> EngineSpec | None:
                       version=description.get("version", ""), description=description.get("description", ""),
                       file=Path(), capabilities=caps, config_schema=description["config_schema"],
                       pipeline=pipeline, raw=description, served=served)
+
+
+async def refuse_resume(ws, text: str, code: msg.ErrorCode = msg.ErrorCode.INVALID_RESUME) -> None:
+    """Turn a resume away: ``error{code}`` (``invalid_resume``, ``resume_expired``), close 1008."""
+    try:
+        await ws.send(json.dumps(msg.error(code, text, recoverable=False)))
+    except ConnectionClosed:
+        pass
+    await close_now(ws, *msg.RESUME_REFUSED)
 
 
 def forwarded_headers(ws) -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,21 +70,55 @@ _TIMED = {
     "vad.speech_start": ("timestamp",), "vad.speech_end": ("timestamp",), "turn.end": ("timestamp",),
     "transcript.partial": ("start", "end"), "transcript.final": ("start", "end"),
     "session.end": ("total_duration",),  # the session time where its audio ended; speech seconds stay its own
+    "audio.ack": ("time",), "session.resumed": ("ack_time",),
 }
 """The session times each message carries (besides ``words`` and ``segments``)."""
 
 
-class Sender:
-    """Writes JSON messages to one WebSocket (on ``timeline``); counts what it sent."""
+REPLAY_BYTES = 256 * 1024
+"""The most bytes of sent messages (their JSON text) a resumable session keeps for a replay; the
+oldest go first. Partials are never kept while no client is attached."""
 
-    def __init__(self, ws, timeline: Timeline | None = None):
+
+class Sender:
+    """Writes JSON messages to one WebSocket (on ``timeline``); counts what it sent.
+
+    ``numbered`` (native sessions): every message carries ``seq``, 1, 2, 3… ``resumable``: the messages
+    are kept (their last :data:`REPLAY_BYTES`) so that :meth:`attach` can replay them to a new
+    connection after the client's was lost; while none is attached they are only kept."""
+
+    def __init__(self, ws, timeline: Timeline | None = None, numbered: bool = False, resumable: bool = False):
         self.ws = ws
         self.timeline = timeline or Timeline()
         self.gone = False
         self.sent: dict[str, int] = {}
+        self.numbered = numbered or resumable
+        self.seq = 0
+        """The ``seq`` of the last message."""
+        self.kept: deque[tuple[int, str]] | None = deque() if resumable else None
+        self.kept_bytes = 0
+
+    @property
+    def oldest_kept(self) -> int:
+        """The ``seq`` of the oldest message kept for a replay (``seq + 1`` when none is)."""
+        return self.kept[0][0] if self.kept else self.seq + 1
 
     async def send(self, message: dict[str, Any]) -> bool:
-        """Send ``message``; False (and nothing raised) when the client is gone."""
+        """Send ``message``; False (and nothing raised) when the client is gone (a resumable session
+        keeps it for the next connection)."""
+        if self.gone and (self.kept is None or message["type"] == "transcript.partial"):
+            return False
+        out = self.timeline.shift(message) if self.timeline else message
+        if self.numbered:
+            self.seq += 1
+            out = {**out, "seq": self.seq}
+        text: str | None = None
+        if self.kept is not None:
+            text = _dumps(out)
+            self.kept.append((self.seq, text))
+            self.kept_bytes += len(text)
+            while self.kept_bytes > REPLAY_BYTES and len(self.kept) > 1:
+                self.kept_bytes -= len(self.kept.popleft()[1])
         if self.gone:
             return False
         if self.ws.state is not State.OPEN:
@@ -94,12 +129,40 @@ class Sender:
             self.gone = True
             return False
         try:
-            await send_message(self.ws, self.timeline.shift(message) if self.timeline else message)
+            if text is not None:
+                await self.ws.send(text)
+            else:
+                await send_message(self.ws, out)
         except ConnectionClosed:
             self.gone = True
             return False
         kind = message["type"]
         self.sent[kind] = self.sent.get(kind, 0) + 1
+        return True
+
+    def can_replay(self, last_seq: int) -> bool:
+        """Whether every message after ``last_seq`` is still kept."""
+        return self.kept is not None and 0 <= last_seq <= self.seq and last_seq + 1 >= self.oldest_kept
+
+    async def attach(self, ws, first: dict[str, Any], last_seq: int) -> bool:
+        """Go on on ``ws``: send ``first`` (unnumbered), then every kept message after ``last_seq``,
+        then the live ones. Messages sent meanwhile are kept and follow in order. False when ``ws``
+        closed on the way."""
+        assert self.kept is not None
+        self.gone, self.ws = True, ws  # live messages are kept, not sent, until the replay caught up
+        try:
+            await ws.send(_dumps(self.timeline.shift(first) if self.timeline else first))
+            done = last_seq
+            while True:
+                pending = [(seq, text) for seq, text in self.kept if seq > done]
+                if not pending:
+                    break
+                for seq, text in pending:
+                    await ws.send(text)
+                    done = seq
+        except ConnectionClosed:
+            return False
+        self.gone = False  # no await since the last check: nothing kept is left behind
         return True
 
     async def close(self, close: Close, linger: bool = True) -> None:
@@ -112,6 +175,13 @@ class Sender:
         else:
             await close_now(self.ws, *close)
         self.gone = True
+
+
+def _dumps(message: dict[str, Any]) -> str:
+    try:
+        return json.dumps(message, ensure_ascii=False).encode().decode()
+    except UnicodeEncodeError:  # lone surrogates echoed from client input: send them escaped
+        return json.dumps(message)
 
 
 async def send_message(ws: Any, message: dict[str, Any]) -> None:

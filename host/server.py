@@ -9,9 +9,11 @@ every open session with ``session.end`` and close 1001, and deregisters.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -21,6 +23,7 @@ from urllib.parse import SplitResult
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from host import __version__
@@ -35,9 +38,9 @@ from host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from host.metrics import Metrics
 from host.models import LoadedEngine, ModelManager, trim_memory_loop
 from host.plugins import PluginSet
-from host.protocol import Close, ConfigError
+from host.protocol import Close, ConfigError, ErrorCode
 from host.recording import KEEP_ALL, Keep, SessionRecorder, retention_loop
-from host.registry import Announcer, call_quietly
+from host.registry import Announcer, ResumeDirectory, call_quietly
 from host.scheduler import Scheduler
 from host.session import Session, SessionServices
 from host.session_config import SessionConfig, parse_session_config, pick_engine
@@ -48,6 +51,9 @@ from host.vad import VadBatcher
 log = logging.getLogger(__name__)
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
+
+SPENT_TOKENS = 10000
+"""Resume tokens of ended sessions remembered, so that a late resume gets ``resume_expired``."""
 
 
 class StartupError(Exception):
@@ -70,6 +76,10 @@ class Worker(FrontDoor[Settings]):
         """Sessions holding a capacity slot (MAX_SESSIONS): released when the client is gone or has
         its session.end, before finalizing or the close handshake."""
         self._reserved = 0
+        self.resumable: dict[str, Session] = {}
+        """Open resumable sessions by their resume token (attached or parked)."""
+        self._spent_tokens: OrderedDict[str, float] = OrderedDict()
+        """Tokens of resumable sessions that ended (their last SPENT_TOKENS), for a clear resume_expired."""
         self.started_at = time.time()
         self.ready_after_s: float | None = None
         self.registry: Registry | None = None
@@ -352,6 +362,9 @@ class Worker(FrontDoor[Settings]):
 
     async def serve_session(self, ws: ServerConnection, url: SplitResult, query: dict[str, str],
                             dialect: Any) -> None:
+        if dialect is None and url.path != dalston.PATH and "resume" in query:
+            await self._resume(ws, query)
+            return
         if dialect is None and url.path == dalston.PATH:
             # Translated here, not on a router: the router relays this path untouched, so the
             # worker that records sees store_audio/store_transcript (host/compat/dalston.py).
@@ -369,11 +382,66 @@ class Worker(FrontDoor[Settings]):
         finally:
             self._reserved -= 1
         self.sessions.add(session)
+        holder: asyncio.Task | None = None
+        if session.resume_token is not None:
+            self.resumable[session.resume_token] = session
+            holder = asyncio.create_task(self._hold_token(session))
         try:
             await session.run()
         finally:
             self.admitted.discard(session)
             self.sessions.discard(session)
+            if session.resume_token is not None:
+                assert holder is not None
+                holder.cancel()
+                if isinstance(self.registry, ResumeDirectory):
+                    await call_quietly("resume token", self.registry.drop_resume(session.resume_token))
+                self.resumable.pop(session.resume_token, None)
+                self._spent_tokens[session.resume_token] = time.time()
+                while len(self._spent_tokens) > SPENT_TOKENS:
+                    self._spent_tokens.popitem(last=False)
+
+    async def _hold_token(self, session: Session) -> None:
+        """While a resumable session lives, its token names this worker in a shared registry (one
+        that is a :class:`ResumeDirectory`), so that a router finds it; the record's TTL is the
+        resume window, renewed every third of it: a worker that dies leaves it to expire."""
+        if not isinstance(self.registry, ResumeDirectory) or session.resume_token is None:
+            return
+        ttl = max(session.resume_window_s, 1.0)
+        record = {"worker_id": self.settings.worker_id, "endpoint": self.settings.endpoint,
+                  "session_id": session.id, "engine": session.engine.id, "config": session.info.config}
+        while True:
+            await call_quietly("resume token", self.registry.hold_resume(session.resume_token, record, ttl))
+            await asyncio.sleep(ttl / 3)
+
+    async def _resume(self, ws: ServerConnection, query: dict[str, str]) -> None:
+        """``/session?resume=<token>&last_seq=<n>``: re-attach a parked session (docs/protocol.md, "Resume"),
+        or refuse with an error naming why and close 1008."""
+        token = query.get("resume", "")
+        session = self.resumable.get(token)
+        raw_seq = query.get("last_seq", "0")
+        last_seq = int(raw_seq) if raw_seq.isdigit() else -1
+        refusal: tuple[ErrorCode, str] | None = None
+        if session is None:
+            refusal = ((ErrorCode.RESUME_EXPIRED, "the session of this resume token has ended (resume window "
+                        "passed, or ended); start a new session") if token in self._spent_tokens
+                       else (ErrorCode.INVALID_RESUME, "unknown resume token"))
+        elif not session.parked or session.attached:
+            refusal = (ErrorCode.RESUME_IN_USE, "the session of this resume token is attached to a connection; "
+                       "retry once that connection is gone")
+        elif not session.out.can_replay(last_seq):
+            refusal = (ErrorCode.INVALID_RESUME, f"last_seq {raw_seq!r} is out of range: messages "
+                       f"{session.out.oldest_kept}..{session.out.seq} can be replayed")
+        if refusal is not None or session is None:
+            code, text = refusal or (ErrorCode.INVALID_RESUME, "unknown resume token")
+            self.count_refusal(str(code))
+            try:
+                await ws.send(json.dumps(msg.error(code, text, recoverable=False)))
+            except ConnectionClosed:
+                pass
+            await close_now(ws, *msg.RESUME_REFUSED)
+            return
+        await session.attach(ws, last_seq)
 
     async def _open_session(self, ws: ServerConnection, query: dict[str, str], dialect) -> Session | None:
         """The session a handshake asks for, or None once the client has left or has its invalid_config error."""
@@ -386,7 +454,7 @@ class Worker(FrontDoor[Settings]):
         except ConfigError as exc:
             await self.refuse_config(conn, exc)
             return None
-        return Session(conn, engine, config, self._services_for(conn))
+        return Session(conn, engine, config, self._services_for(conn), resume_window_s=self.settings.resume_window_s)
 
     def _configured(self, native: dict[str, str]) -> tuple[LoadedEngine, SessionConfig]:
         """The engine and validated configuration a native query asks for; :class:`ConfigError` for a

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable
@@ -37,7 +38,7 @@ from host.frontdoor import close_now
 from host.keepalive import Keepalive
 from host.limits import TokenBucket
 from host.models import LoadedEngine
-from host.protocol import Close, ErrorCode
+from host.protocol import ENCODINGS, Close, ErrorCode
 from host.scheduler import FINAL
 from host.sender import Sender, Timeline
 from host.services import SessionServices
@@ -51,12 +52,27 @@ log = logging.getLogger(__name__)
 class Session(SessionControl):
     """One client connection's pipeline; :meth:`run` serves it to the end."""
 
-    def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices):
+    def __init__(self, ws, engine: LoadedEngine, config: SessionConfig, services: SessionServices,
+                 resume_window_s: float = 0.0):
         self.id = f"sess_{uuid.uuid4().hex[:16]}"
         self.engine = engine
         self.config = config
         self.services = services
-        self.out = Sender(ws, Timeline(config.time_offset, config.segment_offset, config.utterance_offset))
+        native = getattr(ws, "send_message", None) is None  # not a compatibility dialect's connection
+        self.resume_window_s = resume_window_s if native and config.resumable else 0.0
+        self.resume_token = secrets.token_urlsafe(24) if self.resume_window_s > 0 else None
+        """The token a client re-attaches with (docs/protocol.md, "Resume"); None: not resumable."""
+        self.out = Sender(ws, Timeline(config.time_offset, config.segment_offset, config.utterance_offset),
+                          resumable=self.resume_token is not None)
+        self.audio_bytes = 0
+        """The client's audio bytes the session has taken (dropped frames are not counted)."""
+        self._frame_bytes = config.channels * ENCODINGS[config.encoding]
+        self.ack: dict[str, Any] | None = None  # the last audio.ack sent
+        self.parked = False
+        """The client's connection was lost and the session waits for it to re-attach (resumable only)."""
+        self.attached = False
+        self._attach: asyncio.Future | None = None  # while parked: resolved with the new connection (None: give up)
+        self._let_go: asyncio.Event | None = None  # set once the session is done with a re-attached connection
         self.decoder = AudioDecoder(config.encoding, config.sample_rate, config.channels)
         self.buffer = AudioBuffer()
         self.vad = VadStage(engine.vad if config.enable_vad else None, *self._endpointing())
@@ -77,8 +93,7 @@ class Session(SessionControl):
         self._rate_reported = 0.0
         self.errors: dict[str, int] = {}
         self._ws = ws
-        self.keepalive = (Keepalive(ws, services.ping_interval_s, self._backlogged, self._peer_dead)
-                          if services.ping_interval_s > 0 else None)
+        self.keepalive: Keepalive | None = None
         self._lock = asyncio.Lock()  # one pipeline step at a time (frames, control, finish)
         self._tail: asyncio.Task | None = None
         self._abandoned = False  # the lag budget ran out after `end`: queued finals were withdrawn
@@ -92,13 +107,44 @@ class Session(SessionControl):
     # --- lifecycle ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until ``end``, a disconnect, or :meth:`stop`."""
+        """Serve the connection until ``end``, a disconnect, or :meth:`stop`; a resumable session whose
+        connection is lost waits ``resume_window_s`` for the client to re-attach (:meth:`attach`)."""
         self.services.on_started(self.info)
-        await self.out.send(msg.session_begin(self.id, self.engine.id, self.config.public()))
+        begin = msg.session_begin(self.id, self.engine.id, self.config.public())
+        if self.resume_token is not None:
+            begin.update(resume_token=self.resume_token, resume_window_s=self.resume_window_s)
+        await self.out.send(begin)
         watchdog = asyncio.create_task(self._watch())
+        try:
+            while True:
+                await self._serve_connection()
+                if self._finished or not await self._park():
+                    break
+        finally:
+            self.parked = False
+            if not self._finished:
+                # The client went away without `end`: nobody waits for this session's finals, so
+                # its slot is free now; finalizing (and recording) what was said goes on after,
+                # on the decoder time live sessions leave free.
+                self.decoding.client_gone = True
+                self.services.on_released(self)
+            # After a stage broke, the unread audio behind it could hold the close handshake: don't wait.
+            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL, linger=self._failure is None)
+            watchdog.cancel()
+            if self._let_go is not None:
+                self._let_go.set()
+            record = self.record()
+            if self.services.on_ended is not None:
+                await self.services.on_ended(self.info, record)
+
+    async def _serve_connection(self) -> None:
+        """Read the current connection's messages until it ends (or the session does)."""
+        ws = self._ws
+        self.keepalive = (Keepalive(ws, self.services.ping_interval_s, self._backlogged, self._peer_dead)
+                          if self.services.ping_interval_s > 0 else None)
         pinger = asyncio.create_task(self.keepalive.run()) if self.keepalive is not None else None
         try:
-            async for message in self._ws:
+            async for message in ws:
                 self._last_message = time.monotonic()
                 if isinstance(message, bytes):
                     await self._on_audio(message)
@@ -116,20 +162,70 @@ class Session(SessionControl):
                 await self._give_up(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}",
                                     "internal error; the session is ending")
         finally:
-            if not self._finished:
-                # The client went away without `end`: nobody waits for this session's finals, so
-                # its slot is free now; finalizing (and recording) what was said goes on after,
-                # on the decoder time live sessions leave free.
-                self.decoding.client_gone = True
-                self.services.on_released(self)
-            # After a stage broke, the unread audio behind it could hold the close handshake: don't wait.
-            await self.finish(msg.NORMAL if self._status == "completed" else msg.INTERNAL, linger=self._failure is None)
-            watchdog.cancel()
             if pinger is not None:
                 pinger.cancel()
-            record = self.record()
-            if self.services.on_ended is not None:
-                await self.services.on_ended(self.info, record)
+
+    def _lost(self) -> bool:
+        """Whether the connection was lost rather than closed: no close frame came from the client (a
+        TCP reset, a network gone, a keepalive timeout)."""
+        protocol = getattr(self._ws, "protocol", None)
+        return protocol is not None and getattr(protocol, "close_rcvd", None) is None
+
+    async def _park(self) -> bool:
+        """The connection was lost: a resumable session waits up to ``resume_window_s`` for the client to
+        re-attach, holding its slot, producing and keeping its finals. True when one did."""
+        if (self.resume_token is None or self._finished or self._failure is not None or self._status != "completed"
+                or not self._lost()):
+            return False
+        self.out.gone = True
+        if self._let_go is not None:  # the connection that re-attached before is done with
+            self._let_go.set()
+        self.parked, self.attached = True, False
+        self._attach = asyncio.get_running_loop().create_future()
+        log.info("session %s: connection lost; parked for %g s (resume)", self.id, self.resume_window_s)
+        try:
+            ws = await asyncio.wait_for(asyncio.shield(self._attach), self.resume_window_s)
+        except TimeoutError:
+            ws = None
+        finally:
+            self._attach = None
+            self.parked = False
+        if ws is None:
+            log.info("session %s: not resumed within %g s; finalizing", self.id, self.resume_window_s)
+            return False
+        self._ws = ws
+        self._last_message = time.monotonic()
+        return True
+
+    async def attach(self, ws, last_seq: int) -> None:
+        """Re-attach the client on ``ws`` (a resume, checked by the caller: :attr:`parked` and
+        ``self.out.can_replay(last_seq)``): ``session.resumed``, the messages after ``last_seq``, then
+        the session goes on. Returns once the session is done with ``ws``."""
+        assert self._attach is not None and not self._attach.done()
+        let_go = self._let_go = asyncio.Event()
+        self.attached = True
+        resumed = msg.session_resumed(self.id, last_seq, self.audio_bytes, self.ack)
+        self._attach.set_result(ws)  # the session reads ws from now on
+        log.info("session %s: resumed after seq %d (%d sent); client audio from byte %d", self.id, last_seq,
+                 self.out.seq, self.audio_bytes)
+        await self.out.attach(ws, resumed, last_seq)
+        await let_go.wait()
+
+    async def _check_time_limits(self) -> None:
+        if self.parked:  # no client to be idle: the resume window is the limit
+            return
+        await super()._check_time_limits()
+
+    async def _acknowledge(self, utterance: Utterance) -> None:
+        """``audio.ack``: every utterance up to ``utterance`` is delivered, so the client's audio before
+        its end will never be needed again (resumable sessions)."""
+        if self.resume_token is None:
+            return
+        audio_bytes = min(self.audio_bytes, int(utterance.end * self.config.sample_rate) * self._frame_bytes)
+        if self.ack is not None and audio_bytes <= self.ack["bytes"]:
+            return
+        self.ack = msg.audio_ack(utterance.end, audio_bytes)
+        await self.out.send(self.ack)
 
     def _backlogged(self) -> bool:
         """Whether the session has lately withheld reading its client (backpressure): a pong may then
@@ -158,6 +254,8 @@ class Session(SessionControl):
         await asyncio.shield(self._finishing)
 
     async def _finish(self, close: Close, linger: bool) -> None:
+        if self._attach is not None and not self._attach.done():  # parked: no client will come back
+            self._attach.set_result(None)
         async with self._lock:
             if self._finished:
                 return
@@ -246,6 +344,7 @@ class Session(SessionControl):
         await self._room_for_finals()
         async with self._lock:
             if not self._finished:
+                self.audio_bytes += len(data)
                 await self._process(samples)
         await self._check_lag()
 
@@ -328,6 +427,7 @@ class Session(SessionControl):
         if isinstance(result, ComponentFailure):  # reported; the session goes on
             await self._report(ErrorCode.INTERNAL_ERROR, f"transcription of utterance {utterance.id} failed: "
                                f"{result}", recoverable=True, utterance_id=utterance.id)
+            await self._acknowledge(utterance)
             return
         segment = self.transcript.add(utterance, result)
         if segment is not None:
@@ -336,6 +436,7 @@ class Session(SessionControl):
             await self.out.send(msg.transcript_final(segment, self.config.word_timestamps))
             if endpointed_at is not None:
                 self.services.metrics.final_latency.observe(time.monotonic() - endpointed_at)
+        await self._acknowledge(utterance)
 
     def _chain(self, step: Awaitable[Any]) -> None:
         """Run ``step`` after every step chained before it, in order."""

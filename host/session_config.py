@@ -32,11 +32,14 @@ AUDIO_SCHEMA = {
         "time_offset": {"type": "number", "minimum": 0, "maximum": 1e7, "default": 0},
         "segment_offset": {"type": "integer", "minimum": 0, "maximum": 1e9, "default": 0},
         "utterance_offset": {"type": "integer", "minimum": 0, "maximum": 1e9, "default": 0},
+        "resumable": {"type": "boolean", "default": False},
     },
 }
 """``time_offset``, ``segment_offset``, ``utterance_offset``: where this session's timeline starts, so
 that it continues another's (the router's failover): every session time it reports is shifted by
-``time_offset`` seconds, and its segment and utterance ids start at the offsets (host/sender.py)."""
+``time_offset`` seconds, and its segment and utterance ids start at the offsets (host/sender.py).
+``resumable``: a connection lost without a close frame parks the session for ``RESUME_WINDOW_S``, so
+that the client can re-attach with its ``resume_token`` (docs/protocol.md, "Resume")."""
 
 CORE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -86,6 +89,7 @@ class SessionConfig:
     time_offset: float = 0.0
     segment_offset: int = 0
     utterance_offset: int = 0
+    resumable: bool = False
     model_named: bool = False
     """Whether the client chose ``model`` itself; if not, a language its variant does not serve moves
     the session to one that does (:func:`variant_for`)."""
@@ -95,7 +99,7 @@ class SessionConfig:
         out = asdict(self)
         out.pop("engine")
         out.pop("model_named")
-        for name in ("time_offset", "segment_offset", "utterance_offset"):
+        for name in ("time_offset", "segment_offset", "utterance_offset", "resumable"):
             if not out[name]:  # echoed only when set: a session that continues no other's looks as before
                 out.pop(name)
         out.update(out.pop("extra"))
@@ -156,6 +160,7 @@ def parse_session_config(query: Mapping[str, str], engine: EngineSpec) -> Sessio
         time_offset=float(audio["time_offset"]),
         segment_offset=audio["segment_offset"],
         utterance_offset=audio["utterance_offset"],
+        resumable=audio["resumable"],
         endpointing=effective_endpointing(session["endpointing"], engine),
         eagerness=session["eagerness"],
         silence_ms=session["silence_ms"],

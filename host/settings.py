@@ -77,6 +77,8 @@ class Settings(ServerSettings):
     """Where to record each session's audio (WAV) and transcript (JSON); empty: recording off."""
     sessions_retention_s: float = 0.0
     """Recordings older than this are deleted (0: kept forever)."""
+    resume_window_s: float = 30.0
+    """A resumable session whose connection is lost waits this long for its client to re-attach (0: never)."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -146,6 +148,8 @@ ENV = {
     "engines_watch_s": ("ENGINES_WATCH_S", "poll engines_dir this often and reload on change (0: on SIGHUP only)"),
     "sessions_dir": ("SESSIONS_DIR", "record each session's audio (WAV) and transcript (JSON) here; empty: off"),
     "sessions_retention_s": ("SESSIONS_RETENTION_S", "delete recordings older than this many seconds (0: keep)"),
+    "resume_window_s": ("RESUME_WINDOW_S", "seconds a resumable session whose connection was lost waits for "
+                                           "its client to resume (0: no resume)"),
     **SERVER_ENV,
 }
 

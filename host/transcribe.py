@@ -5,19 +5,22 @@ place (grey), each final as a timestamped line, and a progress bar while a file
 is sent. Not on a terminal, it prints plain final lines only. The finished
 transcript is written as text, JSON, SRT or WebVTT (``--format``) to stdout or
 ``--output``.
+
+The session is resumable (docs/protocol.md, "Resume"): when the connection is lost (a network drop,
+a router restarted), the file or the microphone goes on where the server is, after a reconnect with
+backoff, and nothing said is lost (:func:`host.client.stream_source`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from host.client import Audio, StreamResult, read_wav, session_url, stream
+from host.client import Audio, StreamResult, read_wav, session_url, stream, stream_source
 from host.formats import WRITERS, timestamp
 
 GREY, RESET, CLEAR_LINE = "\x1b[90m", "\x1b[0m", "\r\x1b[2K"
@@ -102,12 +105,13 @@ async def run(args) -> int:
 
     async def session(url: str) -> StreamResult:
         if args.mic:
-            return await stream_frames(session_url(url, **params), microphone_frames(), view.message)
+            return await stream_source(session_url(url, **params), microphone_frames(), on_message=view.message,
+                                       interruptible=True)
         assert audio is not None  # read from the file argument when not --mic
         speed = args.speed if args.speed else (1.0 if args.realtime else None)
         per_s = audio.sample_rate * audio.channels * 2
         return await stream(session_url(url, **params), audio, speed=speed, on_message=view.message,
-                            on_sent=lambda n: view.sent(n, per_s))
+                            on_sent=lambda n: view.sent(n, per_s), resume=True)
 
     if args.url:
         result = await session(args.url)
@@ -136,39 +140,6 @@ async def run(args) -> int:
             print()
         sys.stdout.write(document)
     return 0
-
-
-async def stream_frames(url: str, frames: AsyncIterator[bytes], on_message) -> StreamResult:
-    """Send frames from an endless source until it stops (Ctrl-C), then ``end``; collect messages."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-
-    result = StreamResult()
-    async with connect(url, max_size=None, open_timeout=30) as ws:
-
-        async def receive() -> None:
-            try:
-                async for raw in ws:
-                    message = json.loads(raw)
-                    result.messages.append(message)
-                    on_message(message)
-            except ConnectionClosed:
-                pass
-            finally:
-                result.close_code, result.close_reason = ws.close_code, ws.close_reason or ""
-
-        receiver = asyncio.create_task(receive())
-        try:
-            async for frame in frames:
-                if receiver.done():
-                    break
-                await ws.send(frame)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            pass
-        if not receiver.done():
-            await ws.send(json.dumps({"type": "end"}))
-        await receiver
-    return result
 
 
 async def microphone_frames(rate: int = 16000, frame_s: float = 0.1) -> AsyncIterator[bytes]:

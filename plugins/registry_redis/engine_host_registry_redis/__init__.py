@@ -6,10 +6,15 @@ Worker side (:class:`host.contracts.Registry`):
   heartbeat; its TTL is three heartbeats, so a dead worker disappears;
 - ``{prefix}:workers``: a set of worker ids (members whose hash expired are
   pruned by readers);
-- ``{prefix}:sessions``: a capped stream with one entry per ended session.
+- ``{prefix}:sessions``: a capped stream with one entry per ended session;
+- ``{prefix}:resume:{token}``: per open resumable session, a JSON object (``worker_id``, ``endpoint``,
+  ``session_id``, ``engine``, ``config``) naming the worker that holds it; written by that worker
+  with a TTL of the resume window, renewed while the session lives and deleted when it ends
+  (:class:`host.registry.ResumeDirectory`).
 
 Router side (:class:`host.contracts.WorkerDirectory`):
 
+- ``{prefix}:resume:{token}`` read to find the worker holding a session a client resumes;
 - ``{prefix}:leases:{id}``: a sorted set of session reservations on the worker,
   scored by expiry time. A Lua script checks capacity and adds a lease in one
   step, so several routers (or one router under a burst) never overbook a worker.
@@ -133,7 +138,26 @@ class RedisRegistry:
                 await pipe.execute()
         await self.client.aclose()
 
+    def _resume_key(self, token: str) -> str:
+        return f"{self.prefix}:resume:{token}"
+
+    async def hold_resume(self, token: str, record: dict[str, Any], ttl_s: float) -> None:
+        await self.client.set(self._resume_key(token), json.dumps(record), px=max(1, int(ttl_s * 1000)))
+
+    async def drop_resume(self, token: str) -> None:
+        await self.client.delete(self._resume_key(token))
+
     # --- router side -------------------------------------------------------------
+
+    async def find_resume(self, token: str) -> dict[str, Any] | None:
+        raw = await self.client.get(self._resume_key(token))
+        if not raw:
+            return None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) and record.get("endpoint") else None
 
     async def workers(self) -> list[WorkerRecord]:
         ids = sorted(cast("set[str]", await self.client.smembers(f"{self.prefix}:workers")))  # decode_responses
