@@ -9,12 +9,16 @@ Skipped when /usr/bin/chromium or playwright is missing.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
 import statistics
+import struct
+import threading
 import time
 import wave
 from pathlib import Path
@@ -391,4 +395,216 @@ def test_errors_are_shown(browser, worker):
     alerts = page.text_content("#alerts")
     assert "Server at capacity" in alerts and "busy" in alerts, alerts
     assert page.text_content("#status") == "Disconnected."
+    page.close()
+
+
+# --- resume after a lost connection -------------------------------------------------------------
+
+# Records, from inside the page, every WebSocket it opens: its URL, what it sent (text, or the byte
+# length of binary frames), every message it received and its close code.
+RECORD_SOCKETS = """(() => {
+  const Native = window.WebSocket;
+  window.sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      const log = this.log = {url: String(args[0]), sent: [], received: [], close: null};
+      window.sockets.push(log);
+      this.addEventListener("message", (ev) => log.received.push(JSON.parse(ev.data)));
+      this.addEventListener("close", (ev) => { log.close = ev.code; });
+    }
+    send(data) {
+      if (this.readyState === Native.OPEN) this.log.sent.push(typeof data === "string" ? data : data.byteLength);
+      super.send(data);
+    }
+  };
+})()"""
+# Every state of the connection line under the status, in order.
+OBSERVE_CONNECTION = """() => {
+  const el = document.getElementById("connection");
+  window.connectionStates = [];
+  new MutationObserver(() => window.connectionStates.push({state: el.dataset.state ?? null, text: el.textContent}))
+    .observe(el, {attributes: true, attributeFilter: ["data-state"]});
+}"""
+RESUME_UTTERANCES = ["533-1066-0009", "jfk"]
+RESUME_CUT_S = 4.0  # into the second utterance
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 between the page and the worker, over a network that fails once.
+
+    Everything passes through unchanged, except the first ``/session`` connection: once the page has
+    sent ``hold_after`` bytes of WebSocket frames on it, the rest of what it sends is held back (never
+    reaches the worker), as on a link gone dead mid-stream; :meth:`drop` then resets both sides of it,
+    the page's and the worker's, without a close frame. Later connections (the page's reconnects) pass."""
+
+    def __init__(self, upstream_port: int, hold_after: int):
+        self.upstream_port, self.hold_after = upstream_port, hold_after
+        self.held = threading.Event()
+        self.victim: tuple | None = None  # the first /session connection's two transports
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self._run(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.http = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            client_w.transport.abort()
+            return
+        head = b""
+        while b"\r\n\r\n" not in head:  # the request (an HTTP GET or the WebSocket handshake)
+            chunk = await client_r.read(65536)
+            if not chunk:
+                client_w.close()
+                up_w.close()
+                return
+            head += chunk
+        victim = head.startswith(b"GET /session") and self.victim is None
+        if victim:
+            self.victim = (client_w.transport, up_w.transport)
+        up_w.write(head)
+        forwarded = len(head) - head.index(b"\r\n\r\n") - 4
+
+        async def page_to_worker() -> None:
+            nonlocal forwarded
+            while data := await client_r.read(65536):
+                if victim:
+                    data = data[:max(0, self.hold_after - forwarded)]
+                    forwarded += len(data)
+                    if forwarded >= self.hold_after:
+                        self.held.set()
+                if data:
+                    up_w.write(data)
+                    await up_w.drain()
+
+        async def worker_to_page() -> None:
+            while data := await up_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+
+        pumps = [asyncio.ensure_future(page_to_worker()), asyncio.ensure_future(worker_to_page())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        except (ConnectionError, OSError):
+            pass
+        for pump in pumps:
+            pump.cancel()
+        client_w.close()
+        up_w.close()
+
+    def drop(self) -> None:
+        """Reset both sides of the held connection (RST: SO_LINGER 0), as a network gone away does."""
+        async def reset() -> None:
+            for transport in self.victim:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+        self._run(reset())
+
+    def close(self) -> None:
+        self.server.close()
+        self._run(self.server.wait_closed())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_file_session_resumes_after_a_dropped_connection(browser, worker, speech_by_id, tmp_path):
+    """The page's connection dies mid-stream without a close frame (a proxy holds back what the page
+    sends, then resets both sides): the page shows it is resuming, reconnects, resumes with the last
+    seq it got, sends again the audio the worker lacks, and the session ends whole, each final once."""
+    parts, reference = [silence(0.5)], []
+    for i, uid in enumerate(RESUME_UTTERANCES):
+        parts += [read_wav(speech_by_id[uid].path), silence(1.5 if i == 0 else 1.0)]
+        reference.append(speech_by_id[uid].reference)
+    audio = concat(*parts)
+    cut = len(concat(*parts[:3]).pcm) + int(RESUME_CUT_S * 16000) * 2  # bytes of audio the worker gets first
+    wav = write_wav(tmp_path / "two-utterances.wav", audio)
+    # The page sends 0.1 s frames: 3200 bytes of audio plus an 8-byte (masked) frame header.
+    proxy = FlakyProxy(worker.port, hold_after=cut // 3200 * 3208)
+    try:
+        page = browser.new_page(accept_downloads=True)
+        page.add_init_script(RECORD_SOCKETS)
+        page.console_lines = []
+        page.on("console", lambda m: page.console_lines.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: page.console_lines.append(f"pageerror: {e}"))
+        page.goto(proxy.http + "/")
+        page.wait_for_function("document.querySelector('#engine').options.length > 0", timeout=10_000)
+        assert page.is_hidden("#connection")
+        page.evaluate(OBSERVE_CONNECTION)
+        page.set_input_files("#file", str(wav))
+
+        # The worker has the first utterance and part of the second; the first one's final and its
+        # audio.ack reach the page (the link back still works). Then the connection dies.
+        assert proxy.held.wait(60), "the page never sent that much audio"
+        page.wait_for_function("window.sockets[0].received.some(m => m.type === 'audio.ack')", timeout=60_000)
+        page.wait_for_selector("#transcript .final", timeout=30_000)
+        assert page.evaluate("window.sockets.length") == 1 and page.is_hidden("#connection")
+        proxy.drop()
+        page.wait_for_selector("#connection[data-state=resumed]", timeout=60_000)
+        save_screenshot(page, tmp_path, "demo-page-resumed.png")
+        wait_done(page, timeout_ms=60_000)
+        sockets = page.evaluate("window.sockets")
+        states = page.evaluate("window.connectionStates")
+        lines = page.eval_on_selector_all("#transcript .final", FINAL_LINES)
+        taken = page.evaluate("sentSamples") * 2  # the audio bytes the page took from the file
+        end = json.loads(download(page, "json", tmp_path))
+    finally:
+        proxy.close()
+
+    # What the user saw: connection lost, resuming (as often as it took), resumed; no error.
+    kinds = [s["state"] for s in states]
+    assert kinds and kinds[0] == "resuming" and kinds[-1] == "resumed" and set(kinds) == {"resuming", "resumed"}, states
+    assert "Connection lost" in states[0]["text"] and "Resumed" in page.text_content("#connection")
+    assert page.text_content("#alerts") == "", page.text_content("#alerts")
+    assert page.get_attribute("#session-info", "data-state") == "ended"
+
+    first, last, between = sockets[0], sockets[-1], sockets[1:-1]
+    assert "resumable=true" in first["url"] and first["close"] == 1006, first["close"]
+    begin = first["received"][0]
+    assert begin["type"] == "session.begin" and begin["seq"] == 1 and begin["resume_token"]
+    last_seq = max(m["seq"] for m in first["received"])
+    acks = [m["bytes"] for m in first["received"] if m["type"] == "audio.ack"]
+    assert acks and acks[-1] <= cut
+    # Reconnects the worker refused because it had not yet seen the old connection go: retried.
+    for s in between:
+        assert [m.get("code") for m in s["received"]] in ([], ["resume_in_use"]) and s["sent"] == [], s
+    assert f"resume={begin['resume_token']}&last_seq={last_seq}" in last["url"], last["url"]
+    resumed = last["received"][0]
+    assert resumed["type"] == "session.resumed" and resumed["session_id"] == begin["session_id"], resumed
+    assert resumed["last_seq"] == last_seq
+    # The worker had every byte up to the hold (less a frame cut short), and the page sent the rest
+    # from there: nothing missing, nothing twice.
+    assert acks[-1] <= resumed["ack_bytes"] <= resumed["audio_bytes"] <= cut, (acks, resumed, cut)
+    binary = [n for n in last["sent"] if isinstance(n, int)]
+    assert resumed["audio_bytes"] + sum(binary) == taken, (resumed, sum(binary), taken)
+    assert [t for t in last["sent"] if isinstance(t, str)] == ['{"type":"end"}']
+    assert taken / 32000 == pytest.approx(audio.seconds, abs=0.15)
+    assert end["total_duration"] == pytest.approx(audio.seconds, abs=0.15)
+
+    # Every message once: seq 1, 2, 3… across both connections, the replay included.
+    received = first["received"] + last["received"][1:]
+    assert [m["seq"] for m in received] == list(range(1, len(received) + 1))
+    assert page.evaluate("resume.lastSeq") == len(received)
+    finals = [m for m in received if m["type"] == "transcript.final"]
+    before = [f for f in finals if f in first["received"]]
+    assert before and len(before) < len(finals), "no final on both sides of the drop"
+    assert all(f["end"] <= cut / 32000 + 0.5 for f in before), before
+    assert [f["segment_id"] for f in finals] == list(range(len(finals)))
+    assert [f["utterance_id"] for f in finals] == sorted({f["utterance_id"] for f in finals})
+    # On screen: each final once, in order, and the session's end has exactly those.
+    assert received[-1] == end and end["type"] == "session.end"
+    assert [line["text"] for line in lines] == [f["text"] for f in finals] == [s["text"] for s in end["segments"]]
+    assert [s["id"] for s in end["segments"]] == [f["segment_id"] for f in finals]
+    assert end["transcript"] == " ".join(f["text"] for f in finals)
+    counts = word_errors(" ".join(reference), end["transcript"])
+    print(f"resumed file WER {counts.wer:.3f} ({counts.errors}/{counts.words}) after "
+          f"{len(sockets) - 1} reconnect(s), {resumed}: {end['transcript']!r}")
+    assert counts.wer <= MAX_WER, (reference, end["transcript"])
     page.close()
