@@ -122,6 +122,13 @@ class FrontDoorConnection(ServerConnection):
                 super().data_received(bytes(held))
 
 
+def lost_without_close(ws: Any) -> bool:
+    """Whether ``ws`` was lost rather than closed by its peer: no close frame came from it (a TCP reset,
+    a network gone, a keepalive timeout). A dialect's connection (no ``protocol``) never counts as lost."""
+    protocol = getattr(ws, "protocol", None)
+    return protocol is not None and getattr(protocol, "close_rcvd", None) is None
+
+
 async def close_now(ws: Any, code: int, reason: str = "") -> None:
     """Close without waiting on the peer: send the close frame and FIN, then discard what it sends.
 

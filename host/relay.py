@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from host import protocol as msg
 from host.contracts import WorkerRecord
-from host.frontdoor import close_now
+from host.frontdoor import close_now, lost_without_close
 from host.keepalive import Keepalive
 from host.protocol import ENCODINGS, ErrorCode
 
@@ -248,7 +248,7 @@ class RoutedSession:
         # The client is gone: closing the worker's side makes it finalize and record the session.
         self._client_gone = True
         async with self._lock:
-            if self.resumable and not self._end_sent and not self.stopping and self._client_lost():
+            if self.resumable and not self._end_sent and not self.stopping and lost_without_close(self.client):
                 # Lost, not left: the worker must see its connection lost too (no close frame), so that it
                 # parks the session for a resume through any router (docs/protocol.md, "Resume").
                 self._closed_by_us = True
@@ -258,11 +258,6 @@ class RoutedSession:
                     log.info("session %s: client connection lost; worker connection dropped so that it parks "
                              "the session", self.begin.get("session_id"))
             await self.close_upstream()
-
-    def _client_lost(self) -> bool:
-        """Whether the client's connection was lost rather than closed: no close frame came from it."""
-        protocol = getattr(self.client, "protocol", None)
-        return protocol is not None and getattr(protocol, "close_rcvd", None) is None
 
     async def _worker_to_client(self) -> bool:
         while True:
@@ -331,7 +326,7 @@ class RoutedSession:
         """The last worker's ``session.end`` with the finals of the workers before it in front: its
         segments are every final the client got."""
         before = [segment_of(f) for f in self.finals[:self._seam_finals]]
-        speech = sum(s["end"] - s["start"] for s in before if s["end"] is not None and s["start"] is not None)
+        speech = speech_of(before)
         extra = {k: v for k, v in end.items() if k not in ("type", "session_id", "total_duration",
                                                            "total_speech_duration", "transcript", "segments",
                                                            "languages")}
@@ -398,7 +393,7 @@ class RoutedSession:
         it what it already has."""
         duration = self._origin + self.bytes_in / self._rate
         segments = [segment_of(f) for f in self.finals]
-        speech = sum(s["end"] - s["start"] for s in segments if s["end"] is not None and s["start"] is not None)
+        speech = speech_of(segments)
         try:
             await self.client.send(json.dumps(self._numbered_message(msg.error(
                 ErrorCode.WORKER_LOST, f"worker {self.worker.info.worker_id} went away mid-session and no worker "
@@ -415,3 +410,8 @@ def segment_of(final: dict[str, Any]) -> dict[str, Any]:
     return {"id": final.get("segment_id"), "start": final.get("start"), "end": final.get("end"),
             "text": final.get("text"), "confidence": final.get("confidence"), "language": final.get("language"),
             **({"words": final["words"]} if "words" in final else {})}
+
+
+def speech_of(segments: list[dict[str, Any]]) -> float:
+    """The seconds of speech ``segments`` span (those with both times)."""
+    return sum(s["end"] - s["start"] for s in segments if s["end"] is not None and s["start"] is not None)

@@ -53,6 +53,7 @@ from host.plugins import PluginSet
 from host.protocol import Close, ConfigError
 from host.registry import ResumeDirectory, call_quietly
 from host.relay import Refused, RoutedSession
+from host.sender import refuse
 from host.session_config import parse_session_config, pick_engine
 from host.settings import RouterSettings
 
@@ -331,7 +332,8 @@ class Router(FrontDoor[RouterSettings]):
         replay and the rest of the session are relayed. Refusals as the worker's own (docs/protocol.md, "Resume")."""
         token = query.get("resume", "")
         if not isinstance(self._dir, ResumeDirectory):
-            await refuse_resume(ws, "this router's registry cannot find sessions by resume token")
+            await refuse(ws, msg.ErrorCode.INVALID_RESUME, "this router's registry cannot find sessions by resume token",
+                         msg.RESUME_REFUSED)
             return
         try:
             record = await self._dir.find_resume(token) if token else None
@@ -341,12 +343,12 @@ class Router(FrontDoor[RouterSettings]):
             await close_now(ws, *msg.REGISTRY_UNAVAILABLE)
             return
         if record is None:
-            await refuse_resume(ws, "unknown resume token")  # the worker's own answer
+            await refuse(ws, msg.ErrorCode.INVALID_RESUME, "unknown resume token", msg.RESUME_REFUSED)  # the worker's own answer
             return
         worker = next((w for w in workers if w.info.worker_id == record.get("worker_id")), None)
         if worker is None:
-            await refuse_resume(ws, f"the worker holding this session ({record.get('worker_id')}) is gone; "
-                                "start a new session", msg.ErrorCode.RESUME_EXPIRED)
+            await refuse(ws, msg.ErrorCode.RESUME_EXPIRED, f"the worker holding this session ({record.get('worker_id')}) "
+                         "is gone; start a new session", msg.RESUME_REFUSED)
             return
         headers = forwarded_headers(ws)
         try:
@@ -357,8 +359,8 @@ class Router(FrontDoor[RouterSettings]):
         except (TimeoutError, OSError, InvalidHandshake) as exc:
             log.warning("resume: worker %s unreachable at %s (%s: %s)", worker.info.worker_id,
                         worker.info.endpoint, type(exc).__name__, exc)
-            await refuse_resume(ws, f"the worker holding this session ({worker.info.worker_id}) cannot be "
-                                "reached; start a new session", msg.ErrorCode.RESUME_EXPIRED)
+            await refuse(ws, msg.ErrorCode.RESUME_EXPIRED, f"the worker holding this session ({worker.info.worker_id}) "
+                         "cannot be reached; start a new session", msg.RESUME_REFUSED)
             return
         except ConnectionClosed:
             return  # the client left while the worker's answer was relayed
@@ -389,13 +391,8 @@ class Router(FrontDoor[RouterSettings]):
         Returns (None, {}) when the worker rejected the session for a reason the
         client must see (e.g. invalid_config): that message and the close are relayed.
         """
-        target = worker.info.endpoint.rstrip("/") + path + (f"?{query}" if query else "")
-        timeout = self.settings.connect_timeout_s
         try:
-            upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
-                                     ping_interval=self.settings.ping_interval_s,
-                                     ping_timeout=2 * self.settings.ping_interval_s,
-                                     max_size=None, compression=None, close_timeout=5)
+            upstream = await self._dial(worker, path, query, headers)
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
                 await close_now(ws, *msg.UNAUTHORIZED)
@@ -403,22 +400,35 @@ class Router(FrontDoor[RouterSettings]):
             raise
         began = False
         try:
-            upstream_or_none, begin = await self._await_begin(ws, upstream, timeout)
+            upstream_or_none, begin = await self._await_begin(ws, upstream)
             began = upstream_or_none is not None
             return upstream_or_none, begin
         finally:
             if not began:
                 await upstream.close()
 
-    async def _await_begin(self, ws, upstream: ClientConnection, timeout: float) -> tuple[ClientConnection | None, dict]:
+    async def _dial(self, worker: WorkerRecord, path: str, query: str, headers: list[tuple[str, str]]) -> ClientConnection:
+        """A WebSocket to ``worker`` for a session, with the router's keepalive and limits."""
+        target = worker.info.endpoint.rstrip("/") + path + (f"?{query}" if query else "")
+        return await connect(target, additional_headers=headers, open_timeout=self.settings.connect_timeout_s,
+                             ping_interval=self.settings.ping_interval_s,
+                             ping_timeout=2 * self.settings.ping_interval_s,
+                             max_size=None, compression=None, close_timeout=5)
+
+    async def _first(self, upstream: ClientConnection) -> tuple[str | bytes, dict]:
+        """The worker's first message, raw and parsed: :class:`Refused` when it closes 1013 before
+        it (full, starting, draining), ``OSError`` when it closes otherwise."""
         try:
-            first = await asyncio.wait_for(upstream.recv(), timeout)
+            first = await asyncio.wait_for(upstream.recv(), self.settings.connect_timeout_s)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else 1006
             if code == msg.CloseCode.TRY_AGAIN_LATER:
                 raise Refused(exc.rcvd.reason if exc.rcvd else "") from None
             raise OSError(f"worker closed {code} before session.begin") from None
-        data = json.loads(first) if isinstance(first, str) else {}
+        return first, json.loads(first) if isinstance(first, str) else {}
+
+    async def _await_begin(self, ws, upstream: ClientConnection) -> tuple[ClientConnection | None, dict]:
+        first, data = await self._first(upstream)
         if data.get("type") in ("session.begin", "session.resumed"):
             return upstream, data
         # An error before session.begin (e.g. invalid_config): relay it and the close as they are.
@@ -512,26 +522,14 @@ class Router(FrontDoor[RouterSettings]):
     async def _connect(self, worker: WorkerRecord, path: str, query: str,
                        headers: list[tuple[str, str]]) -> tuple[ClientConnection, dict]:
         """A session on ``worker`` that has begun (for a failover: anything but session.begin is a failure)."""
-        target = worker.info.endpoint.rstrip("/") + path + f"?{query}"
-        timeout = self.settings.connect_timeout_s
-        upstream = await connect(target, additional_headers=headers, open_timeout=timeout,
-                                 ping_interval=self.settings.ping_interval_s,
-                                 ping_timeout=2 * self.settings.ping_interval_s,
-                                 max_size=None, compression=None, close_timeout=5)
+        upstream = await self._dial(worker, path, query, headers)
         try:
-            first = await asyncio.wait_for(upstream.recv(), timeout)
-        except ConnectionClosed as exc:
-            await upstream.close()
-            if exc.rcvd is not None and exc.rcvd.code == msg.CloseCode.TRY_AGAIN_LATER:
-                raise Refused(exc.rcvd.reason) from None
-            raise OSError(f"worker closed {exc.rcvd.code if exc.rcvd else 1006} before session.begin") from None
+            first, data = await self._first(upstream)
+            if data.get("type") != "session.begin":
+                raise OSError(f"worker answered {str(first)[:200]!r} instead of session.begin")
         except BaseException:
             await upstream.close()
             raise
-        data = json.loads(first) if isinstance(first, str) else {}
-        if data.get("type") != "session.begin":
-            await upstream.close()
-            raise OSError(f"worker answered {str(first)[:200]!r} instead of session.begin")
         return upstream, data
 
     async def _renew(self, worker: WorkerRecord, lease: str) -> None:
@@ -574,15 +572,6 @@ def spec_of(description: dict[str, Any]) -> EngineSpec | None:
                       version=description.get("version", ""), description=description.get("description", ""),
                       file=Path(), capabilities=caps, config_schema=description["config_schema"],
                       pipeline=pipeline, raw=description, served=served)
-
-
-async def refuse_resume(ws, text: str, code: msg.ErrorCode = msg.ErrorCode.INVALID_RESUME) -> None:
-    """Turn a resume away: ``error{code}`` (``invalid_resume``, ``resume_expired``), close 1008."""
-    try:
-        await ws.send(json.dumps(msg.error(code, text, recoverable=False)))
-    except ConnectionClosed:
-        pass
-    await close_now(ws, *msg.RESUME_REFUSED)
 
 
 def forwarded_headers(ws) -> list[tuple[str, str]]:

@@ -83,16 +83,15 @@ oldest go first. Partials are never kept while no client is attached."""
 class Sender:
     """Writes JSON messages to one WebSocket (on ``timeline``); counts what it sent.
 
-    ``numbered`` (native sessions): every message carries ``seq``, 1, 2, 3… ``resumable``: the messages
-    are kept (their last :data:`REPLAY_BYTES`) so that :meth:`attach` can replay them to a new
-    connection after the client's was lost; while none is attached they are only kept."""
+    ``resumable``: every message carries ``seq``, 1, 2, 3…, and the messages are kept (their last
+    :data:`REPLAY_BYTES`) so that :meth:`attach` can replay them to a new connection after the
+    client's was lost; while none is attached they are only kept."""
 
-    def __init__(self, ws, timeline: Timeline | None = None, numbered: bool = False, resumable: bool = False):
+    def __init__(self, ws, timeline: Timeline | None = None, resumable: bool = False):
         self.ws = ws
         self.timeline = timeline or Timeline()
         self.gone = False
         self.sent: dict[str, int] = {}
-        self.numbered = numbered or resumable
         self.seq = 0
         """The ``seq`` of the last message."""
         self.kept: deque[tuple[int, str]] | None = deque() if resumable else None
@@ -109,11 +108,10 @@ class Sender:
         if self.gone and (self.kept is None or message["type"] == "transcript.partial"):
             return False
         out = self.timeline.shift(message) if self.timeline else message
-        if self.numbered:
-            self.seq += 1
-            out = {**out, "seq": self.seq}
         text: str | None = None
         if self.kept is not None:
+            self.seq += 1
+            out = {**out, "seq": self.seq}
             text = _dumps(out)
             self.kept.append((self.seq, text))
             self.kept_bytes += len(text)
@@ -191,17 +189,18 @@ async def send_message(ws: Any, message: dict[str, Any]) -> None:
     if native is not None:
         await native(message)
         return
+    await ws.send(_dumps(message))
+
+
+async def refuse(conn: Any, code: ErrorCode, text: str, close: Close, param: str | None = None) -> None:
+    """Turn a connection away (worker and router alike): a non-recoverable ``error``, then ``close`` at once."""
     try:
-        await ws.send(json.dumps(message, ensure_ascii=False))
-    except UnicodeEncodeError:  # lone surrogates echoed from client input: send them escaped
-        await ws.send(json.dumps(message))
+        await send_message(conn, error(code, text, recoverable=False, param=param))
+    except ConnectionClosed:
+        pass  # the close below finds the connection gone
+    await close_now(conn, *close)
 
 
 async def refuse_config(conn: Any, exc: ConfigError) -> None:
-    """Turn a session away for a bad connect-time parameter: a non-recoverable ``invalid_config``
-    naming it, then close 1008 (worker and router alike)."""
-    try:
-        await send_message(conn, error(ErrorCode.INVALID_CONFIG, str(exc), recoverable=False, param=exc.param))
-    except ConnectionClosed:
-        pass  # the close below finds the connection gone
-    await close_now(conn, *INVALID_CONFIG)
+    """Turn a session away for a bad connect-time parameter: ``invalid_config`` naming it, close 1008."""
+    await refuse(conn, ErrorCode.INVALID_CONFIG, str(exc), INVALID_CONFIG, exc.param)

@@ -9,7 +9,6 @@ every open session with ``session.end`` and close 1001, and deregisters.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ from urllib.parse import SplitResult
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from host import __version__
@@ -42,6 +40,7 @@ from host.protocol import Close, ConfigError, ErrorCode
 from host.recording import KEEP_ALL, Keep, SessionRecorder, retention_loop
 from host.registry import Announcer, ResumeDirectory, call_quietly
 from host.scheduler import Scheduler
+from host.sender import refuse
 from host.session import Session, SessionServices
 from host.session_config import SessionConfig, parse_session_config, pick_engine
 from host.settings import Settings
@@ -432,14 +431,10 @@ class Worker(FrontDoor[Settings]):
         elif not session.out.can_replay(last_seq):
             refusal = (ErrorCode.INVALID_RESUME, f"last_seq {raw_seq!r} is out of range: messages "
                        f"{session.out.oldest_kept}..{session.out.seq} can be replayed")
-        if refusal is not None or session is None:
+        if refusal is not None or session is None:  # (session is None always has a refusal: for mypy)
             code, text = refusal or (ErrorCode.INVALID_RESUME, "unknown resume token")
             self.count_refusal(str(code))
-            try:
-                await ws.send(json.dumps(msg.error(code, text, recoverable=False)))
-            except ConnectionClosed:
-                pass
-            await close_now(ws, *msg.RESUME_REFUSED)
+            await refuse(ws, code, text, msg.RESUME_REFUSED)
             return
         await session.attach(ws, last_seq)
 

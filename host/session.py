@@ -34,7 +34,7 @@ from host.endpointing import (
     SpeechStart,
     TurnCheck,
 )
-from host.frontdoor import close_now
+from host.frontdoor import close_now, lost_without_close
 from host.keepalive import Keepalive
 from host.limits import TokenBucket
 from host.models import LoadedEngine
@@ -165,17 +165,11 @@ class Session(SessionControl):
             if pinger is not None:
                 pinger.cancel()
 
-    def _lost(self) -> bool:
-        """Whether the connection was lost rather than closed: no close frame came from the client (a
-        TCP reset, a network gone, a keepalive timeout)."""
-        protocol = getattr(self._ws, "protocol", None)
-        return protocol is not None and getattr(protocol, "close_rcvd", None) is None
-
     async def _park(self) -> bool:
         """The connection was lost: a resumable session waits up to ``resume_window_s`` for the client to
         re-attach, holding its slot, producing and keeping its finals. True when one did."""
         if (self.resume_token is None or self._finished or self._failure is not None or self._status != "completed"
-                or not self._lost()):
+                or not lost_without_close(self._ws)):
             return False
         self.out.gone = True
         if self._let_go is not None:  # the connection that re-attached before is done with
