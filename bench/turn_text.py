@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import turn_policy  # bench/ is not a package
 
+from host import turn_text
+from host.contracts import AsrResult
 from host.offline import load_engine
 
 SR = turn_policy.SR
@@ -65,9 +67,10 @@ def speculative(engine, audio: np.ndarray) -> dict:
     and what tiny.en thinks comes after its words."""
     asr = engine.asr.variants["fast"]
     wall, cpu = time.perf_counter(), time.process_time()
-    text = asr.transcribe(audio, language=None, word_timestamps=False, partial=False).text.strip()
+    result = asr.transcribe(audio, language=None, word_timestamps=False, partial=False, sentence_end=True)
+    text = result.text.strip()
     out = {"text": text, "audio_s": round(len(audio) / SR, 3), "decode_s": round(time.perf_counter() - wall, 4),
-           "decode_cpu_s": round(time.process_time() - cpu, 4)}
+           "decode_cpu_s": round(time.process_time() - cpu, 4), "p_stop_decode": result.sentence_end}
     return out | next_tokens(asr.model, audio, text)
 
 
@@ -194,7 +197,17 @@ def text_rule(c1: float, t1: float, later: list[tuple[float, float]], bar: float
     return policy
 
 
+def shipped(row: dict) -> tuple[list[tuple[float, float]], float]:
+    """The server's rule (host.turn_text.read on the decode's own sentence_end, the shipped options):
+    a finished sentence ends at 0.1 s at 0.5, an unfinished one waits for 1.0 s, else 0.3 s at 0.5."""
+    verdict = turn_text.read(AsrResult(row["text"], language="en", sentence_end=row.get("p_stop_decode")), 0.9)
+    if verdict is turn_text.TextVerdict.UNFINISHED:
+        return [], 1.0
+    return ([(0.1, 0.5)] if verdict is turn_text.TextVerdict.FINISHED else []) + [(0.3, 0.5)], 1.0
+
+
 POLICIES: list[tuple[str, Policy]] = [
+    ("(e) shipped: the decode's own P(. ? !) ≥ 0.9 → 0.1 s at 0.5; else 0.3 s; unfinished → max", shipped),
     ("(a) today: 0.3 s at 0.5, max 1.0", acoustic([(0.3, 0.5)])),
     ("(b) silence timer 0.5 s", acoustic([], 0.5)),
     ("(b) silence timer 0.7 s", acoustic([], 0.7)),
@@ -304,6 +317,7 @@ def report(table: list[dict]) -> None:
     signals += [("decode ends . ? !", lambda r: float(terminal(r))),
                 ("decode does not look unfinished", lambda r: float(not incomplete(r))),
                 ("tiny.en P(. ? !) after the words", lambda r: r["p_stop"]),
+                ("the same, from the decode itself", lambda r: r.get("p_stop_decode")),
                 ("tiny.en P(end of text)", lambda r: r["p_eot"]),
                 ("words in the decode", lambda r: float(len(r["text"].split()))),
                 ("tiny.en no-speech probability", lambda r: r["no_speech"])]

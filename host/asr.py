@@ -47,24 +47,32 @@ def brief(exc: BaseException) -> str:
 
 
 @lru_cache(maxsize=256)
-def _takes_options(function: Any) -> bool:
+def _takes(function: Any, name: str) -> bool:
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: call it the v1 way
         return False
-    return any(p.name == "options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def takes(model: AsrModel, name: str) -> bool:
+    """Whether ``model.transcribe`` accepts the keyword ``name`` (by name or ``**kwargs``): ``options``
+    (contract v2) and ``sentence_end`` are optional. pluggy calls hook implementations by their
+    parameter names in the same way."""
+    return _takes(getattr(type(model), "transcribe", model.transcribe), name)
 
 
 def takes_options(model: AsrModel) -> bool:
-    """Whether ``model.transcribe`` accepts the session's options (an ``options`` keyword or ``**kwargs``).
-
-    pluggy calls hook implementations by their parameter names in the same way."""
-    return _takes_options(getattr(type(model), "transcribe", model.transcribe))
+    """Whether ``model.transcribe`` accepts the session's options."""
+    return takes(model, "options")
 
 
 def transcribe(model: AsrModel, request: TranscribeRequest) -> AsrResult:
-    """Call ``model.transcribe`` for ``request`` (blocking), with the options when it takes them."""
-    extra = {"options": request.options} if takes_options(model) else {}
+    """Call ``model.transcribe`` for ``request`` (blocking), with the options and ``sentence_end`` when it
+    takes them."""
+    extra: dict[str, Any] = {"options": request.options} if takes_options(model) else {}
+    if request.sentence_end and takes(model, "sentence_end"):
+        extra["sentence_end"] = True
     return model.transcribe(request.audio, language=request.language, word_timestamps=request.word_timestamps,
                             partial=request.partial, **extra)
 
@@ -124,9 +132,10 @@ def check_result(result: Any, audio_seconds: float) -> AsrResult:
             raise ValueError(f"word {w.word!r} has times {w.start}-{w.end} outside the {audio_seconds:.2f} s of audio")
     if not (isinstance(result.confidence, (int, float)) and math.isfinite(result.confidence)):
         raise ValueError(f"AsrResult.confidence {result.confidence!r} is not a number")
-    p = result.language_probability
-    if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1):
-        raise ValueError(f"AsrResult.language_probability {p!r} is not a probability")
+    for name in ("language_probability", "sentence_end"):
+        p = getattr(result, name, None)
+        if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1):
+            raise ValueError(f"AsrResult.{name} {p!r} is not a probability")
     return result
 
 

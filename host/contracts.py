@@ -42,6 +42,10 @@ class AsrResult:
     """Mean word probability, 0-1."""
     language_probability: float | None = None
     """How sure the language decision was, 0-1 (None: the language was given, not detected)."""
+    sentence_end: float | None = None
+    """The model's probability that the text ends a sentence where it stops: that the token after its
+    last word is ``.``, ``?`` or ``!``. Set only when the request asked for it (``sentence_end``);
+    None: not asked, or the model cannot say."""
 
 
 @dataclass
@@ -110,6 +114,8 @@ class TranscribeRequest:
     options: SessionOptions = field(default_factory=SessionOptions)
     languages: tuple[str, ...] = ()
     """With ``language`` None: the candidates to choose among (empty: any the model knows)."""
+    sentence_end: bool = False
+    """Fill :attr:`AsrResult.sentence_end` (the speculative decodes of ``endpointing=turn`` ask for it)."""
 
 
 @dataclass
@@ -277,6 +283,9 @@ class AsrModel(Protocol):
       does not serve gets ``invalid_config``.
     - ``transcribe`` may take an ``options`` keyword: it then receives the session's
       :class:`SessionOptions` (per-session parameters such as a prompt).
+    - ``transcribe`` may take a ``sentence_end`` keyword: when True, it fills
+      :attr:`AsrResult.sentence_end`, the probability that the text ends a sentence. The turn policy
+      reads it from the speculative decode at a pause (see docs/turn-detection.md).
     - ``transcribe_many(requests: list[TranscribeRequest]) -> list[AsrResult]`` (with an optional
       ``max_batch: int``, default 8): the scheduler then decodes several waiting utterances, of
       several sessions, in one call.

@@ -100,10 +100,12 @@ class UtteranceDecoder:
 
     # --- jobs -----------------------------------------------------------------
 
-    def call(self, start: int, end: int, *, words: bool = False, partial: bool = False) -> AsrCall:
-        """The job that transcribes buffer samples ``start:end`` with the session's options."""
+    def call(self, start: int, end: int, *, words: bool = False, partial: bool = False,
+             sentence_end: bool = False) -> AsrCall:
+        """The job that transcribes buffer samples ``start:end`` with the session's options
+        (``sentence_end``: the model says how sure it is that the text ends a sentence)."""
         request = TranscribeRequest(self.buffer.slice(start, end), languages.forced(self.language), words, partial,
-                                    self.options(), languages.candidates(self.language))
+                                    self.options(), languages.candidates(self.language), sentence_end)
         return AsrCall(self.model, request, component=self.component)
 
     @property
@@ -185,8 +187,9 @@ class UtteranceDecoder:
         word alignment, a second decoder pass, is skipped: about a tenth of a final's compute."""
         return self.word_timestamps or self.recorded or cut or start <= self._previous_end
 
-    def pause(self, end: int) -> None:
-        """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint."""
+    def pause(self, end: int, sentence_end: bool = False) -> None:
+        """Speech paused: decode the utterance as it would end now, so the final is ready at the endpoint
+        (``sentence_end``: the turn policy reads the decode's text, :meth:`speculated`)."""
         if self._utterance is None or self.streaming:
             return
         uid, start = self._utterance
@@ -194,8 +197,24 @@ class UtteranceDecoder:
         if self.queue.waiting(SPECULATIVE):
             return  # finals are queued: a guess that speech may resume would only delay them
         words = self.wants_words(start)
-        ticket = self._submit(self.call(start, end, words=words), SPECULATIVE)
+        ticket = self._submit(self.call(start, end, words=words, sentence_end=sentence_end), SPECULATIVE)
         self._speculative = _Speculation(uid, end, words, ticket)
+
+    async def speculated(self, end: int, longest_s: float) -> AsrResult | None:
+        """The speculative decode of the open utterance as it would end at ``end``, once it is back;
+        None when there is none (decodes were queued), it waits behind other decodes (the caller's
+        windows would wait with it: under load the text is not read), it failed or was withdrawn,
+        or it took longer than ``longest_s``."""
+        spec = self._speculative
+        if spec is None or spec.end != end or spec.utterance_id != self.open_utterance:
+            return None
+        if not spec.ticket.started and self.queue.waiting(SPECULATIVE) > 1:
+            return None
+        future = spec.ticket.future
+        await asyncio.wait({future}, timeout=longest_s)  # never raises; the final may still use it
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        return future.result()
 
     def resume(self) -> None:
         """Speech resumed after a pause."""

@@ -9,10 +9,11 @@ Positions are session sample indices at 16 kHz.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from host.contracts import SAMPLE_RATE
 from host.endpointing_options import EndpointingOptions, TurnPolicy
+from host.turn_text import TextVerdict
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class SpeechEnd:
     or ``clear``."""
     heard: int | None = None
     """Where the VAD last heard speech, post-roll not included (None: at ``sample``)."""
+    decided: int | None = field(default=None, compare=False)
+    """How much audio had been heard when the end was decided (the checkpoint, or where the silence
+    timer ran out): ``decided - heard`` is the silence the endpoint waited for."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class TurnCheck:
     """Where the utterance ends if the turn is complete (the pause's SpeechPause sample)."""
     pause: int
     """Which pause of the utterance this is (a resumed pause voids its checks)."""
+    text: bool = False
+    """A text checkpoint: a complete answer ends the turn only if the speculative decode ending at
+    ``end`` reads as a finished sentence; the answer must bring that verdict (the first of a pause)."""
 
 
 Event = SpeechStart | SpeechEnd | SpeechLikely | SpeechPause | SpeechResume | TurnCheck
@@ -85,6 +92,7 @@ class Endpointer:
         self.configure(options, turn)
         self._paused = False
         self._checked = 0  # checkpoints of the current pause the turn detector was asked at
+        self._verdict: TextVerdict | None = None  # what the current pause's speculative decode read as
         self._unanswered = False  # the detector gave no answer in this pause: the silence timer ends it
         self._pause_no = 0  # counts pauses, so that an answer about a resumed pause is void
         self._pause_end = 0
@@ -115,7 +123,7 @@ class Endpointer:
         self._early = int(options.early_partial_s * s)
         self._max_len = int(options.max_utterance_s * s)
         self._speculate = int(max(options.speculate_after_s, options.postroll_s) * s) if options.speculate_after_s else 0
-        self._checkpoints = [int(c * s) for c in turn.checkpoints_s] if turn is not None else []
+        self._checkpoints = [(int(c * s), text) for c, text in turn.schedule()] if turn is not None else []
 
     @property
     def in_speech(self) -> bool:
@@ -165,7 +173,7 @@ class Endpointer:
             self._recent.append((pos, p))
             self._track(p, end)
             if self._silence_run == 0 and self._paused:
-                self._paused, self._checked, self._unanswered = False, 0, False
+                self._paused, self._checked, self._unanswered, self._verdict = False, 0, False, None
                 self._pause_no += 1
                 events.append(SpeechResume(pos))
             if self._silence_run >= self._endpoint_silence():
@@ -185,18 +193,32 @@ class Endpointer:
                 events.append(SpeechPause(self._last_speech_end + self._postroll))
         return events
 
-    def decide(self, check: TurnCheck, probability: float | None) -> list[Event]:
-        """The turn detector's answer to ``check``: a complete turn ends the utterance at the pause. An
-        answer about a pause that speech has since resumed is void. None (no answer: the check was
-        shed under load, or the detector failed) leaves the pause to the silence timer."""
+    def decide(self, check: TurnCheck, probability: float | None, text: TextVerdict | None = None) -> list[Event]:
+        """The turn detector's answer to ``check``, and at a text checkpoint what the speculative
+        decode read as: a complete turn ends the utterance at the pause (at a text checkpoint only
+        with a finished sentence); an unfinished one (with ``hold_unfinished``) leaves the pause to
+        the maximum silence. An answer about a pause that speech has since resumed is void. None (no
+        answer: the check was shed under load, or the detector failed) leaves the pause to the
+        silence timer."""
         if self.turn is None or self._state != _SPEECH or not self._paused or check.pause != self._pause_no:
             return []
+        if text is not None and self._verdict is None:
+            self._verdict = text
+        if self._verdict is TextVerdict.UNFINISHED and self.turn.hold_unfinished:
+            return []
+        if check.text and self._verdict is not TextVerdict.FINISHED:
+            return []  # the detector need not be asked: the later checkpoints decide
         if probability is None:
             self._unanswered = True
             return []
         if probability < self.turn.threshold:
             return []
         return [self._close(check.end, "turn")]
+
+    @property
+    def held_open(self) -> bool:
+        """Whether the current pause is held to the maximum silence (its decode read as unfinished)."""
+        return self._verdict is TextVerdict.UNFINISHED and self.turn is not None and self.turn.hold_unfinished
 
     def _checkpoint(self, end: int, events: list[Event]) -> None:
         """At ``postroll_s`` of silence (or the first checkpoint, if sooner) start the speculative
@@ -205,13 +227,15 @@ class Endpointer:
         if not self._silence_run:
             return
         silence = end - self._last_speech_end
-        if not self._paused and silence >= min(self._postroll, self._checkpoints[0]):
+        if not self._paused and silence >= min(self._postroll, self._checkpoints[0][0]):
             self._paused = True
             self._pause_end = min(self._last_speech_end + self._postroll, end)
             events.append(SpeechPause(self._pause_end))
-        if self._paused and self._checked < len(self._checkpoints) and silence >= self._checkpoints[self._checked]:
+        if self._paused and self._checked < len(self._checkpoints) and silence >= self._checkpoints[self._checked][0]:
+            text = self._checkpoints[self._checked][1]
             self._checked += 1
-            events.append(TurnCheck(end, self._pause_end, self._pause_no))
+            if not self.held_open:  # an unfinished sentence: no checkpoint can end this pause
+                events.append(TurnCheck(end, self._pause_end, self._pause_no, text))
 
     def flush(self, upto: int = 0) -> list[Event]:
         """Finalize whatever speech is open or pending, as if an endpoint were detected.
@@ -265,7 +289,7 @@ class Endpointer:
 
     def _open(self, start: int, events: list[Event], onset: int | None = None) -> None:
         self._state = _SPEECH
-        self._paused, self._checked, self._unanswered = False, 0, False
+        self._paused, self._checked, self._unanswered, self._verdict = False, 0, False, None
         self._pause_no += 1
         self._start = start
         self._silence_run = 0
@@ -277,7 +301,8 @@ class Endpointer:
         self._floor = end
         self._recent = []
         paused = reason in ("silence", "turn")  # a cut (length, flush) ends where speech may go on
-        return SpeechEnd(end, reason, min(max(self._last_speech_end, self._start + 1), end) if paused else None)
+        return SpeechEnd(end, reason, min(max(self._last_speech_end, self._start + 1), end) if paused else None,
+                         max(self.position, end))
 
     def _cut_point(self, end: int) -> int:
         """Where to cut an over-long utterance: its quietest window in the last few seconds."""

@@ -74,7 +74,8 @@ ENDPOINTING_SCHEMA = {
             "description": "With a turn detector (endpointing=turn): silence after the last speech at which "
                            "it is asked whether the turn is complete (eagerness medium; high: x0.5, low: x2). "
                            "A complete turn ends the utterance postroll_s after the last speech (or at the "
-                           "first checkpoint, if sooner), where its speculative decode started.",
+                           "first checkpoint of this list and turn_text_checkpoints_s, if sooner), where its "
+                           "speculative decode started.",
         },
         "turn_threshold": {
             "type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
@@ -85,6 +86,26 @@ ENDPOINTING_SCHEMA = {
             "type": "number", "exclusiveMinimum": 0, "maximum": 10, "default": 1.0,
             "description": "With a turn detector: silence that ends an utterance the detector keeps open "
                            "(eagerness medium; high: x0.5, low: x2).",
+        },
+        "turn_text_checkpoints_s": {
+            "type": "array", "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 5},
+            "maxItems": 8, "default": [0.1],
+            "description": "With a turn detector: earlier checkpoints at which the turn ends only if the "
+                           "detector says complete and the speculative decode, started at the first of "
+                           "them, also reads as a finished sentence (its model's sentence_end probability "
+                           "at least turn_sentence_end). Scaled by eagerness as turn_checkpoints_s. "
+                           "Empty: the decode's text is not consulted.",
+        },
+        "turn_sentence_end": {
+            "type": "number", "minimum": 0, "maximum": 1, "default": 0.9,
+            "description": "The ASR model's probability of . ? ! after the last word at or above which the "
+                           "speculative decode reads as a finished sentence.",
+        },
+        "turn_hold_unfinished": {
+            "type": "boolean", "default": True,
+            "description": "A pause whose speculative decode reads as unfinished (a trailing comma or "
+                           "'...', no closing punctuation, a last word such as 'and' or 'the') is ended "
+                           "only by turn_max_silence_s, whatever the detector says.",
         },
     },
 }
@@ -109,6 +130,9 @@ class EndpointingOptions:
     turn_checkpoints_s: tuple[float, ...] = (0.3,)
     turn_threshold: float = 0.5
     turn_max_silence_s: float = 1.0
+    turn_text_checkpoints_s: tuple[float, ...] = (0.1,)
+    turn_sentence_end: float = 0.9
+    turn_hold_unfinished: bool = True
 
     def endpoint_silence_for(self, speech_s: float) -> float:
         """Seconds of silence that end an utterance holding ``speech_s`` of speech (pre-roll
@@ -122,15 +146,18 @@ class EndpointingOptions:
     def from_options(cls, options: dict) -> EndpointingOptions:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in options.items() if k in names}
-        if "turn_checkpoints_s" in values:
-            values["turn_checkpoints_s"] = tuple(sorted(values["turn_checkpoints_s"]))
+        for name in ("turn_checkpoints_s", "turn_text_checkpoints_s"):
+            if name in values:
+                values[name] = tuple(sorted(values[name]))
         return cls(**values)
 
     def turn_policy(self, eagerness: str = "auto") -> TurnPolicy:
         """The turn policy for a session's ``eagerness`` (``low|medium|high|auto``; auto is medium)."""
         shift, scale = EAGERNESS[eagerness]
         return TurnPolicy(tuple(c * scale for c in self.turn_checkpoints_s),
-                          min(0.95, max(0.05, self.turn_threshold + shift)), self.turn_max_silence_s * scale)
+                          min(0.95, max(0.05, self.turn_threshold + shift)), self.turn_max_silence_s * scale,
+                          tuple(c * scale for c in self.turn_text_checkpoints_s), self.turn_sentence_end,
+                          self.turn_hold_unfinished)
 
     def with_silence(self, seconds: float) -> EndpointingOptions:
         """These options with ``seconds`` of silence ending every utterance (a session's ``silence_ms``)."""
@@ -154,3 +181,21 @@ class TurnPolicy:
     """Complete-probability at or above which the turn ends at the pause."""
     max_silence_s: float
     """Silence that ends the utterance whatever the detector said."""
+    text_checkpoints_s: tuple[float, ...] = ()
+    """Earlier checkpoints where a complete answer ends the turn only with the speculative decode
+    reading as a finished sentence (:mod:`host.turn_text`)."""
+    sentence_end: float = 0.9
+    """The decode's sentence-end probability at or above which it reads as finished."""
+    hold_unfinished: bool = True
+    """A decode that reads as unfinished leaves the pause to ``max_silence_s``."""
+
+    @property
+    def consults_text(self) -> bool:
+        """Whether the speculative decode's text is read at a pause (text checkpoints, or the hold)."""
+        return bool(self.text_checkpoints_s)
+
+    def schedule(self) -> list[tuple[float, bool]]:
+        """Every checkpoint, in order: (silence in seconds, whether it needs the decode's text). The
+        decode's text is read at the first text checkpoint; later ones reuse that reading."""
+        text = {c: True for c in self.text_checkpoints_s}
+        return sorted({**{c: False for c in self.checkpoints_s}, **text}.items())

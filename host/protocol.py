@@ -112,11 +112,15 @@ def speech_end(timestamp: float) -> dict[str, Any]:
     return {"type": "vad.speech_end", "timestamp": round(timestamp, 3)}
 
 
-def turn_end(utterance_id: int, timestamp: float, reason: str, probability: float | None) -> dict[str, Any]:
+def turn_end(utterance_id: int, timestamp: float, reason: str, probability: float | None,
+             text: str | None = None, decided_at: float | None = None) -> dict[str, Any]:
     """The end of a turn (``turn_events=true``): why the utterance ended (``turn``: the turn detector
-    judged it complete; ``silence``, ``max_length``, ``flush``) and the detector's last answer."""
+    judged it complete; ``silence``, ``max_length``, ``flush``), the detector's last answer, how the
+    speculative decode read (``finished``, ``unfinished``, ``unsure``; None: not read) and the session
+    time at which the end was decided."""
     return {"type": "turn.end", "utterance_id": utterance_id, "timestamp": round(timestamp, 3), "reason": reason,
-            "probability": None if probability is None else round(probability, 3)}
+            "probability": None if probability is None else round(probability, 3), "text": text,
+            "decided_at": round(timestamp if decided_at is None else decided_at, 3)}
 
 
 def transcript_partial(utterance_id: int, text: str, start: float, end: float, stable: str = "") -> dict[str, Any]:

@@ -67,7 +67,7 @@ class Timeline:
 
 
 _TIMED = {
-    "vad.speech_start": ("timestamp",), "vad.speech_end": ("timestamp",), "turn.end": ("timestamp",),
+    "vad.speech_start": ("timestamp",), "vad.speech_end": ("timestamp",), "turn.end": ("timestamp", "decided_at"),
     "transcript.partial": ("start", "end"), "transcript.final": ("start", "end"),
     "session.end": ("total_duration",),  # the session time where its audio ended; speech seconds stay its own
     "audio.ack": ("time",), "session.resumed": ("ack_time",),

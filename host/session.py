@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from host import protocol as msg
+from host import turn_text
 from host.asr import ComponentFailure
 from host.audio import AudioBuffer, AudioDecoder, InvalidAudio
 from host.contracts import SAMPLE_RATE, SessionInfo, SessionRecord, Utterance
@@ -371,21 +372,27 @@ class Session(SessionControl):
                 await self._handle(await self._check_turn(event))
             elif isinstance(event, SpeechStart):
                 if self.turns is not None:
-                    self.turns.last = None
+                    self.turns.last, self.turns.text = None, None
                 self.decoding.start(event.sample, event.onset)
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
             elif isinstance(event, SpeechLikely):
                 self.decoding.likely(event.sample, self.vad.speech_pending_or_open)
             elif isinstance(event, SpeechPause):
-                self.decoding.pause(event.sample)
+                turn = self.vad.endpointer.turn
+                self.decoding.pause(event.sample, sentence_end=turn is not None and turn.consults_text)
             elif isinstance(event, SpeechResume):
                 self.decoding.resume()
+                if self.turns is not None:
+                    self.turns.text = None  # the verdict was about the pause that speech has ended
             elif isinstance(event, SpeechEnd) and (closed := self.decoding.close()) is not None:
                 uid, start = closed
                 if self.config.turn_events and event.reason != "clear":
-                    await self.out.send(msg.turn_end(uid, event.sample / SAMPLE_RATE, event.reason,
-                                                     self.turns.last if self.turns is not None else None))
+                    turns = self.turns
+                    await self.out.send(msg.turn_end(
+                        uid, event.sample / SAMPLE_RATE, event.reason, turns.last if turns else None,
+                        turns.text.value if turns and turns.text else None,
+                        None if event.decided is None else event.decided / SAMPLE_RATE))
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
                 if event.reason == "clear":
@@ -405,9 +412,18 @@ class Session(SessionControl):
             # cores it pushed every session into processing_lag). The silence timer ends this pause.
             self.turns.skip()
             return self.vad.decide(check, None)
-        probability = await self.turns.ask(self.buffer.slice(max(start, check.sample - self.turns.max_samples),
-                                                             check.sample))
-        return self.vad.decide(check, probability)
+        if check.text:
+            # A text checkpoint: first how the speculative decode reads (it is this pause's final if
+            # the turn ends here, so waiting for it costs that final nothing); the detector is asked
+            # only about a finished sentence, so a pause costs it one call, as without the text.
+            turn = self.vad.endpointer.turn
+            assert turn is not None
+            result = await self.decoding.speculated(check.end, turn.max_silence_s)
+            self.turns.text = turn_text.read(result, turn.sentence_end)
+            if self.turns.text is not turn_text.TextVerdict.FINISHED:
+                return self.vad.decide(check, None, self.turns.text)
+        audio = self.buffer.slice(max(start, check.sample - self.turns.max_samples), check.sample)
+        return self.vad.decide(check, await self.turns.ask(audio), self.turns.text if check.text else None)
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:

@@ -13,6 +13,10 @@ import numpy as np
 from host.asr import ComponentFailure, brief
 from host.contracts import SAMPLE_RATE, VadModel, VadStream
 from host.endpointing import Endpointer, EndpointingOptions, Event, SpeechEnd, TurnCheck, TurnPolicy
+from host.turn_text import TextVerdict
+
+Answer = float | None | tuple[float | None, TextVerdict | None]
+"""An offline answer to a :class:`TurnCheck`: the detector's probability, or it and the text verdict."""
 
 DEFAULT_WINDOW = 512
 
@@ -133,10 +137,10 @@ class VadStage:
         self._unpushed = self._unpushed[:0]
         return self._fresh(self._frame)
 
-    def decide(self, check: TurnCheck, probability: float | None) -> list[Event]:
-        """The turn detector's answer to ``check`` (:meth:`Endpointer.decide`); an end makes the held
-        windows due for a rerun."""
-        events = self.endpointer.decide(check, probability)
+    def decide(self, check: TurnCheck, probability: float | None, text: TextVerdict | None = None) -> list[Event]:
+        """The answer to ``check`` (:meth:`Endpointer.decide`); an end makes the held windows due for
+        a rerun."""
+        events = self.endpointer.decide(check, probability, text)
         self._note_reset(events)
         return events
 
@@ -155,10 +159,11 @@ class VadStage:
         elif self._model is not None:
             self.stream = self._model.open_stream()
 
-    def feed(self, samples: np.ndarray, answer: Callable[[TurnCheck], float | None] | None = None) -> list[Event]:
+    def feed(self, samples: np.ndarray, answer: Callable[[TurnCheck], Answer] | None = None) -> list[Event]:
         """Windows, probabilities and endpointing in one call (for offline use and tests), the same
-        steps a session takes: each :class:`TurnCheck` is answered with ``answer(check)`` before the
-        windows after it (unanswered without ``answer``), and a reset inside the frame reruns the rest."""
+        steps a session takes: each :class:`TurnCheck` is answered with ``answer(check)`` (the
+        detector's probability, or it and the text verdict) before the windows after it (unanswered
+        without ``answer``), and a reset inside the frame reruns the rest."""
         windows = self.take_windows(samples)
         assert self.stream is not None, "feed() needs a VAD model"
         if not len(windows):
@@ -168,7 +173,8 @@ class VadStage:
         while True:
             out += events
             if answer is not None and events and isinstance(events[-1], TurnCheck):
-                out += self.decide(events[-1], answer(events[-1]))
+                given = answer(events[-1])
+                out += self.decide(events[-1], *(given if isinstance(given, tuple) else (given,)))
             if not self.held:
                 return out
             events = self.endpoint(self.stream.probabilities(self.rerun_windows())) if self.rerun_due else self.more()

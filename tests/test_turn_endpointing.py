@@ -54,6 +54,21 @@ async def test_a_finished_sentence_is_endpointed_by_the_turn_detector(idle_worke
     assert types.index("transcript.final", result.messages.index(turns[-1])) > result.messages.index(turns[-1])
 
 
+async def test_a_finished_sentence_ends_at_the_text_checkpoint(idle_worker, speech_by_id):
+    """The speculative decode at 0.1 s of silence reads as a finished sentence and the detector agrees:
+    the turn ends there, not at the 0.3 s checkpoint (``decided_at`` is session time of the audio, so
+    this holds however loaded the machine is)."""
+    audio = concat(read_wav(speech_by_id["1998-15444-0003"].path), silence(2.0))
+    result = await run(idle_worker.url, audio)
+    turn = result.of("turn.end")[-1]
+    assert turn["reason"] == "turn" and turn["text"] == "finished", turn
+    assert turn["decided_at"] == turn["timestamp"], turn
+    speech_end = result.of("vad.speech_end")[-1]["timestamp"]
+    assert speech_end == turn["timestamp"]
+    final = result.of("transcript.final")[-1]
+    assert final["text"].rstrip().endswith("investigation.") and final["utterance_id"] == turn["utterance_id"]
+
+
 async def test_a_pause_inside_a_word_is_kept_open_where_the_silence_timer_cuts(idle_worker, speech_by_id):
     clip = samples(read_wav(speech_by_id["533-1066-0002"].path))
     cut = loud_point(clip, 0.5)
@@ -66,7 +81,8 @@ async def test_a_pause_inside_a_word_is_kept_open_where_the_silence_timer_cuts(i
 
     silence_run = await run(idle_worker.url, spliced, endpointing="silence")
     assert ends_in_the_splice(silence_run), "the silence timer should cut a 0.8 s pause"
-    assert all(t["reason"] == "silence" and t["probability"] is None for t in silence_run.of("turn.end"))
+    assert all(t["reason"] == "silence" and t["probability"] is None and t["text"] is None
+               for t in silence_run.of("turn.end"))
 
     turn_run = await run(idle_worker.url, spliced)
     assert not ends_in_the_splice(turn_run), (turn_run.of("turn.end"), cut / SR)

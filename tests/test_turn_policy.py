@@ -14,14 +14,17 @@ from host.asr import ComponentFailure
 from host.compat.deepgram import DeepgramDialect
 from host.compat.elevenlabs import ElevenLabsDialect
 from host.compat.openai_realtime import OpenAIRealtimeDialect
+from host.contracts import AsrResult
 from host.endpointing import Endpointer, EndpointingOptions, SpeechEnd, SpeechLikely, SpeechPause, SpeechResume, SpeechStart, TurnCheck
 from host.turn import TurnBatcher
+from host.turn_text import TextVerdict, read
 
 W = 512  # 32 ms windows
 SR = 16000
 OPTIONS = EndpointingOptions(postroll_s=0.2, endpoint_silence_s=0.5, short_utterance_s=2.0,
                              short_endpoint_silence_s=1.0, turn_checkpoints_s=(0.1, 0.2, 0.3),
-                             turn_threshold=0.5, turn_max_silence_s=1.5)
+                             turn_threshold=0.5, turn_max_silence_s=1.5, turn_text_checkpoints_s=())
+"""The detector alone (no text checkpoint): the tests of the acoustic policy."""
 
 
 def windows(seconds: float) -> int:
@@ -38,7 +41,8 @@ def run(probs, answer, options=OPTIONS, eagerness="auto"):
                 continue  # a first partial's business (tests/test_endpointing.py)
             events.append(event)
             if isinstance(event, TurnCheck):
-                events.extend(ep.decide(event, answer(event)))
+                given = answer(event)
+                events.extend(ep.decide(event, *(given if isinstance(given, tuple) else (given,))))
     return ep, events
 
 
@@ -232,7 +236,8 @@ def test_deepgram_endpointing_milliseconds_select_the_silence_timer():
 
 
 def test_the_speculative_decode_starts_at_the_post_roll_before_a_later_checkpoint():
-    options = EndpointingOptions(postroll_s=0.2, turn_checkpoints_s=(0.3,), turn_max_silence_s=1.0)
+    options = EndpointingOptions(postroll_s=0.2, turn_checkpoints_s=(0.3,), turn_max_silence_s=1.0,
+                                 turn_text_checkpoints_s=())
     _, events = run(SPEECH + [0.0] * windows(1.5), lambda check: 0.9, options=options)
     assert [type(e) for e in events] == [SpeechStart, SpeechPause, TurnCheck, SpeechEnd]
     speech_end = windows(1.0) * W
@@ -270,3 +275,102 @@ def test_feed_answers_each_check_before_the_windows_after_it():
     ends = [e for e in events if isinstance(e, SpeechEnd)]
     assert len(asked) == 1 and [e.reason for e in ends] == ["turn"] and ends[0].sample == asked[0].end
     assert events.index(ends[0]) == events.index(asked[0]) + 1 and vad.resets == 1
+
+
+# --- text checkpoints: the speculative decode's verdict beside the detector -----------------------------
+
+TEXT = EndpointingOptions(postroll_s=0.2, endpoint_silence_s=0.5, turn_checkpoints_s=(0.3,), turn_threshold=0.5,
+                          turn_max_silence_s=1.0, turn_text_checkpoints_s=(0.1,), turn_sentence_end=0.9)
+"""The shipped shape: a text checkpoint at 0.1 s, the detector alone at 0.3 s, 1.0 s at most."""
+
+
+def answers(detector: float, verdict: TextVerdict | None, later: float | None = None):
+    """Answer each check: the detector's ``detector`` (``later`` after the first) and, at a text
+    checkpoint, ``verdict``."""
+    def answer(check: TurnCheck):
+        return (detector, verdict) if check.text else (detector if later is None else later)
+    return answer
+
+
+def ended(events) -> tuple[SpeechEnd, list[TurnCheck]]:
+    checks = [e for e in events if isinstance(e, TurnCheck)]
+    return next(e for e in events if isinstance(e, SpeechEnd)), checks
+
+
+def test_a_finished_sentence_ends_the_turn_at_the_text_checkpoint():
+    _, events = run(SPEECH + [0.0] * windows(2.0), answers(0.9, TextVerdict.FINISHED), TEXT)
+    end, checks = ended(events)
+    assert end.reason == "turn" and [c.text for c in checks] == [True]
+    pause = next(e for e in events if isinstance(e, SpeechPause))
+    # The pause (and so the speculative decode the verdict came from) starts at the text checkpoint,
+    # sooner than the post-roll, and the utterance ends exactly there: the decode is its final.
+    assert end.sample == pause.sample == checks[0].end
+    assert checks[0].sample - windows(1.0) * W <= int(0.1 * SR) + W
+
+
+@pytest.mark.parametrize("verdict", [TextVerdict.UNSURE, None])
+def test_without_a_finished_sentence_the_text_checkpoint_does_not_end_the_turn(verdict):
+    _, events = run(SPEECH + [0.0] * windows(2.0), answers(0.9, verdict), TEXT)
+    end, checks = ended(events)
+    assert end.reason == "turn" and [c.text for c in checks] == [True, False]  # ended by the 0.3 s check
+    assert end.sample == checks[0].end
+
+
+def test_a_detector_not_asked_at_the_text_checkpoint_leaves_the_pause_to_the_later_checkpoints():
+    """The session asks the detector at a text checkpoint only about a finished sentence; no answer
+    there is not a failed check (which would hand the pause to the silence timer)."""
+    _, events = run(SPEECH + [0.0] * windows(2.0), answers(None, TextVerdict.UNSURE, later=0.9), TEXT)
+    end, checks = ended(events)
+    assert end.reason == "turn" and [c.text for c in checks] == [True, False]
+
+
+def test_a_finished_sentence_still_needs_the_detector():
+    _, events = run(SPEECH + [0.0] * windows(2.0), answers(0.2, TextVerdict.FINISHED, later=0.9), TEXT)
+    end, checks = ended(events)
+    assert end.reason == "turn" and len(checks) == 2
+
+
+def test_an_unfinished_sentence_waits_for_the_maximum_silence_whatever_the_detector_says():
+    _, events = run(SPEECH + [0.0] * windows(2.0), answers(1.0, TextVerdict.UNFINISHED), TEXT)
+    end, checks = ended(events)
+    # No detector check after the verdict: the silence timer (the policy's 1.0 s maximum) ended it.
+    assert end.reason == "silence" and len(checks) == 1 and end.sample == checks[0].end
+    _, unheld = run(SPEECH + [0.0] * windows(2.0), answers(1.0, TextVerdict.UNFINISHED),
+                    EndpointingOptions(**{**TEXT.__dict__, "turn_hold_unfinished": False}))
+    assert ended(unheld)[0].reason == "turn" and len(ended(unheld)[1]) == 2  # without the hold: at 0.3 s
+
+
+def test_an_unfinished_pause_that_speech_resumes_does_not_hold_the_next():
+    probs = SPEECH + [0.0] * windows(0.5) + SPEECH + [0.0] * windows(2.0)
+    verdicts = iter([TextVerdict.UNFINISHED, TextVerdict.FINISHED])
+    _, events = run(probs, lambda check: (0.9, next(verdicts)) if check.text else 0.9, TEXT)
+    kinds = [type(e) for e in events]
+    assert kinds == [SpeechStart, SpeechPause, TurnCheck, SpeechResume, SpeechPause, TurnCheck, SpeechEnd]
+    assert events[-1].reason == "turn"
+
+
+def test_eagerness_scales_the_text_checkpoints():
+    assert [TEXT.turn_policy(e).schedule() for e in ("high", "medium", "low")] == [
+        [(0.05, True), (0.15, False)], [(0.1, True), (0.3, False)], [(0.2, True), (0.6, False)]]
+    assert not EndpointingOptions(turn_text_checkpoints_s=()).turn_policy().consults_text
+
+
+@pytest.mark.parametrize("text, p, language, verdict", [
+    ("I could not help it.", 0.95, "en", TextVerdict.FINISHED),
+    ("Was it you?", 0.93, None, TextVerdict.FINISHED),
+    ("I could not help it.", 0.6, "en", TextVerdict.UNSURE),  # punctuated, but the model was not sure
+    ("I could not help it.", None, "en", TextVerdict.UNSURE),  # a model that cannot say
+    ("when he came in,", 0.99, "en", TextVerdict.UNFINISHED),
+    ("and then...", 0.99, "en", TextVerdict.UNFINISHED),
+    ("and then", 0.99, "en", TextVerdict.UNFINISHED),  # no closing punctuation
+    ("he looked at the.", 0.99, "en", TextVerdict.UNFINISHED),  # a sentence rarely ends on "the"
+    ("Sie sah die.", 0.99, "de", TextVerdict.FINISHED),  # the English word list is for English only
+    ("\"Go home.\"", 0.95, "en", TextVerdict.FINISHED),
+    ("", 0.99, "en", TextVerdict.UNSURE),
+])
+def test_how_a_decode_reads(text, p, language, verdict):
+    assert read(AsrResult(text, language=language, sentence_end=p), 0.9) is verdict
+
+
+def test_no_decode_reads_as_unsure():
+    assert read(None, 0.9) is TextVerdict.UNSURE
