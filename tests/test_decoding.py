@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -24,7 +25,8 @@ from host.decoding import UtteranceDecoder
 from host.endpointing import EndpointingOptions
 from host.metrics import Metrics
 from host.plugins import load_plugins
-from host.scheduler import Scheduler
+from host.contracts import AsrResult
+from host.scheduler import FINAL, Scheduler
 from host.server import Worker
 from host.settings import Settings
 from host.vad import VadBatcher, VadStage, checked_probabilities
@@ -94,6 +96,42 @@ async def test_a_speculative_decode_of_exactly_the_final_audio_is_reused(schedul
     assert ticket is not speculative.ticket
     await ticket.future
     assert len(model.calls) == 3
+
+
+class GatedAsr(ScriptedAsr):
+    """A scripted model whose calls wait for ``gate`` and that takes ``sentence_end`` (recorded)."""
+
+    def __init__(self, key: tuple):
+        super().__init__(key)
+        self.gate = threading.Event()
+        self.asked: list[bool] = []
+
+    def transcribe(self, audio: np.ndarray, *, sentence_end: bool = False, **kwargs) -> AsrResult:
+        self.gate.wait(30)
+        self.asked.append(sentence_end)
+        result = super().transcribe(audio, **kwargs)
+        result.sentence_end = 0.95 if sentence_end else None
+        return result
+
+
+async def test_the_text_checkpoint_waits_for_the_speculative_decode_only_when_a_thread_can_run_it(scheduler):
+    model = GatedAsr(("scripted", "gated"))
+    decoding = decoder_for(model, scheduler)
+    decoding.buffer.append(noise(2.0))
+    blocker = decoding.queue.submit(lambda: model.gate.wait(30), priority=FINAL, owner="another session")
+    while not blocker.started:  # the only decoder thread is taken
+        await asyncio.sleep(0.005)
+    uid = decoding.start(0)
+    decoding.pause(16000, sentence_end=True)
+    # Queued behind the other session's decode: not waited for (the session's windows would stall).
+    assert await decoding.speculated(16000, longest_s=30) is None
+    model.gate.set()
+    await blocker.future
+    result = await decoding.speculated(16000, longest_s=30)  # a thread is free now: waited for
+    assert result is not None and result.sentence_end == 0.95 and model.asked == [True]
+    _, ticket = decoding.finalize(uid, 0, 16000)
+    assert await ticket.future is result  # the same decode is the final
+    assert await decoding.speculated(16000, longest_s=30) is None  # no open utterance
 
 
 async def test_the_first_partial_is_decoded_before_the_utterance_opens_and_shown_after(scheduler):
