@@ -21,11 +21,11 @@ from websockets.asyncio.client import connect
 from host.asr import ComponentFailure
 from host.audio import AudioBuffer
 from host.client import concat, read_wav, session_url, silence, stream
+from host.contracts import AsrResult
 from host.decoding import UtteranceDecoder
 from host.endpointing import EndpointingOptions
 from host.metrics import Metrics
 from host.plugins import load_plugins
-from host.contracts import AsrResult
 from host.scheduler import FINAL, Scheduler
 from host.server import Worker
 from host.settings import Settings
