@@ -202,12 +202,12 @@ class UtteranceDecoder:
 
     async def speculated(self, end: int, longest_s: float) -> AsrResult | None:
         """The speculative decode of the open utterance as it would end at ``end``, once it is back;
-        None when there is none (decodes were queued), it has not started and no thread is free
+        None when there is none (decodes were queued), the session is an upload, it has not started and no thread is free
         for it (the caller's windows would wait with it: under load the text is not read), it
         failed or was withdrawn, or it took longer than ``longest_s``."""
         spec = self._speculative
-        if spec is None or spec.end != end or spec.utterance_id != self.open_utterance:
-            return None
+        if spec is None or spec.end != end or spec.utterance_id != self.open_utterance or self.bulk():
+            return None  # an upload is not waited for: its audio would wait with it, and nobody waits for its turns
         if not spec.ticket.started and (self.queue.busy >= self.queue.threads or self.queue.waiting(SPECULATIVE) > 1):
             return None  # no thread is free for it: under load the text is not read
         future = spec.ticket.future

@@ -117,7 +117,7 @@ class GatedAsr(ScriptedAsr):
 async def test_the_text_checkpoint_waits_for_the_speculative_decode_only_when_a_thread_can_run_it(scheduler):
     model = GatedAsr(("scripted", "gated"))
     decoding = decoder_for(model, scheduler)
-    decoding.buffer.append(noise(2.0))
+    decoding.buffer.append(noise(1.5))  # less than BULK_AHEAD_S ahead of the clock: a real-time session
     blocker = decoding.queue.submit(lambda: model.gate.wait(30), priority=FINAL, owner="another session")
     while not blocker.started:  # the only decoder thread is taken
         await asyncio.sleep(0.005)
@@ -127,6 +127,9 @@ async def test_the_text_checkpoint_waits_for_the_speculative_decode_only_when_a_
     assert await decoding.speculated(16000, longest_s=30) is None
     model.gate.set()
     await blocker.future
+    decoding.client_gone = True  # an upload (or a session whose client left) is never waited for
+    assert await decoding.speculated(16000, longest_s=30) is None
+    decoding.client_gone = False
     result = await decoding.speculated(16000, longest_s=30)  # a thread is free now: waited for
     assert result is not None and result.sentence_end == 0.95 and model.asked == [True]
     _, ticket = decoding.finalize(uid, 0, 16000)

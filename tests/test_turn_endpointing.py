@@ -31,8 +31,8 @@ def loud_point(x: np.ndarray, fraction: float) -> int:
     return int(loud[int(fraction * len(loud))]) * 160
 
 
-async def run(url, audio: Audio, **params):
-    return await stream(session_url(url, turn_events=True, interim_results=False, **params), audio, speed=None)
+async def run(url, audio: Audio, speed: float | None = None, **params):
+    return await stream(session_url(url, turn_events=True, interim_results=False, **params), audio, speed=speed)
 
 
 async def test_a_finished_sentence_is_endpointed_by_the_turn_detector(idle_worker, speech_by_id):
@@ -59,7 +59,7 @@ async def test_a_finished_sentence_ends_at_the_text_checkpoint(idle_worker, spee
     the turn ends there, not at the 0.3 s checkpoint (``decided_at`` is session time of the audio, so
     this holds however loaded the machine is)."""
     audio = concat(read_wav(speech_by_id["1998-15444-0003"].path), silence(2.0))
-    result = await run(idle_worker.url, audio)
+    result = await run(idle_worker.url, audio, speed=1.0)  # an upload's pauses are not read
     turn = result.of("turn.end")[-1]
     assert turn["reason"] == "turn" and turn["text"] == "finished", turn
     assert turn["decided_at"] == turn["timestamp"], turn
