@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import wave
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +115,10 @@ async def stream(
     lacks is sent again, and ``messages`` holds each message once (plus each ``session.resumed``).
     ``on_connected`` is called with each new connection."""
     if resume:
-        return await stream_source(url, _paced(audio, chunk_s, speed), end=end, on_message=on_message,
-                                   on_connected=on_connected, on_sent=on_sent)
+        return await stream_source(url, _paced(_frames(audio, chunk_s), audio, speed), end=end,
+                                   on_message=on_message, on_connected=on_connected, on_sent=on_sent)
     result = StreamResult()
-    step = int(audio.sample_rate * chunk_s) * 2 * audio.channels
-    frames = chunks if chunks is not None else [audio.pcm[i:i + step] for i in range(0, len(audio.pcm), step)]
+    frames = chunks if chunks is not None else _frames(audio, chunk_s)
     async with connect(url, max_size=None, open_timeout=30, ping_interval=None) as ws:
 
         async def receive() -> None:
@@ -139,15 +138,9 @@ async def stream(
         receiver = asyncio.create_task(receive())
         try:
             result.started_at = time.monotonic()
-            sent = 0
-            for frame in frames:
+            async for frame in _paced(frames, audio, speed):
                 if receiver.done():
                     break
-                sent += len(frame)
-                if speed:
-                    # Like a live microphone: a frame leaves once all its audio has "happened".
-                    due = result.started_at + sent / 2 / audio.channels / audio.sample_rate / speed
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 try:
                     await ws.send(frame)
                 except ConnectionClosed:
@@ -173,15 +166,21 @@ RESEND_CHUNK = 19200
 """Audio sent again after a resume goes in frames of this many bytes (a multiple of every frame size)."""
 
 
-async def _paced(audio: Audio, chunk_s: float, speed: float | None) -> AsyncIterator[bytes]:
-    """``audio`` in ``chunk_s`` frames, each once all its audio has "happened" (at ``speed`` × real time)."""
+def _frames(audio: Audio, chunk_s: float) -> list[bytes]:
+    """``audio``'s PCM in ``chunk_s`` frames."""
     step = int(audio.sample_rate * chunk_s) * 2 * audio.channels
+    return [audio.pcm[i:i + step] for i in range(0, len(audio.pcm), step)]
+
+
+async def _paced(frames: Iterable[bytes], audio: Audio, speed: float | None) -> AsyncIterator[bytes]:
+    """``frames`` of ``audio`` in order, like a live microphone: each once all its audio has
+    "happened" (at ``speed`` × real time; None or 0: at once)."""
     rate = 2 * audio.channels * audio.sample_rate  # bytes per second
-    started = time.monotonic()
-    for i in range(0, len(audio.pcm), step):
-        frame = audio.pcm[i:i + step]
+    started, sent = time.monotonic(), 0
+    for frame in frames:
+        sent += len(frame)
         if speed:
-            await asyncio.sleep(max(0.0, started + (i + len(frame)) / rate / speed - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + sent / rate / speed - time.monotonic()))
         yield frame
 
 
@@ -204,7 +203,7 @@ async def stream_source(url: str, frames: AsyncIterator[bytes], *, end: bool = T
     token: str | None = None
     last_seq, tries = 0, 0
     kept = bytearray()  # the client's audio from byte `kept_from` on: what the server may still need
-    kept_from, taken, exhausted = 0, 0, False
+    kept_from, exhausted = 0, False
     next_frame: asyncio.Task | None = None
 
     async def take() -> bytes | None:
@@ -294,7 +293,6 @@ async def stream_source(url: str, frames: AsyncIterator[bytes], *, end: bool = T
                                 exhausted = True
                                 break
                             kept.extend(frame)
-                            taken += len(frame)
                             await ws.send(frame)
                             if on_sent is not None:
                                 on_sent(len(frame))
