@@ -204,7 +204,7 @@ class Endpointer:
             return []
         if text is not None and self._verdict is None:
             self._verdict = text
-        if self._verdict is TextVerdict.UNFINISHED and self.turn.hold_unfinished:
+        if self.held_open:
             return []
         if check.text and self._verdict is not TextVerdict.FINISHED:
             return []  # the detector need not be asked: the later checkpoints decide
@@ -214,6 +214,12 @@ class Endpointer:
         if probability < self.turn.threshold:
             return []
         return [self._close(check.end, "turn")]
+
+    @property
+    def verdict(self) -> TextVerdict | None:
+        """How the current pause's speculative decode read (None: not read); kept until the next
+        utterance opens or speech resumes, so the end it caused can report it."""
+        return self._verdict
 
     @property
     def held_open(self) -> bool:

@@ -372,7 +372,7 @@ class Session(SessionControl):
                 await self._handle(await self._check_turn(event))
             elif isinstance(event, SpeechStart):
                 if self.turns is not None:
-                    self.turns.last, self.turns.text = None, None
+                    self.turns.last = None
                 self.decoding.start(event.sample, event.onset)
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_start(event.sample / SAMPLE_RATE))
@@ -383,15 +383,13 @@ class Session(SessionControl):
                 self.decoding.pause(event.sample, sentence_end=turn is not None and turn.consults_text)
             elif isinstance(event, SpeechResume):
                 self.decoding.resume()
-                if self.turns is not None:
-                    self.turns.text = None  # the verdict was about the pause that speech has ended
             elif isinstance(event, SpeechEnd) and (closed := self.decoding.close()) is not None:
                 uid, start = closed
                 if self.config.turn_events and event.reason != "clear":
-                    turns = self.turns
+                    verdict = self.vad.endpointer.verdict
                     await self.out.send(msg.turn_end(
-                        uid, event.sample / SAMPLE_RATE, event.reason, turns.last if turns else None,
-                        turns.text.value if turns and turns.text else None,
+                        uid, event.sample / SAMPLE_RATE, event.reason, self.turns.last if self.turns else None,
+                        verdict.value if verdict else None,
                         None if event.decided is None else event.decided / SAMPLE_RATE))
                 if self.config.enable_vad:
                     await self.out.send(msg.speech_end(event.sample / SAMPLE_RATE))
@@ -412,6 +410,7 @@ class Session(SessionControl):
             # cores it pushed every session into processing_lag). The silence timer ends this pause.
             self.turns.skip()
             return self.vad.decide(check, None)
+        verdict = None
         if check.text:
             # A text checkpoint: first how the speculative decode reads (it is this pause's final if
             # the turn ends here, so waiting for it costs that final nothing); the detector is asked
@@ -419,11 +418,11 @@ class Session(SessionControl):
             turn = self.vad.endpointer.turn
             assert turn is not None
             result = await self.decoding.speculated(check.end, turn.max_silence_s)
-            self.turns.text = turn_text.read(result, turn.sentence_end)
-            if self.turns.text is not turn_text.TextVerdict.FINISHED:
-                return self.vad.decide(check, None, self.turns.text)
+            verdict = turn_text.read(result, turn.sentence_end)
+            if verdict is not turn_text.TextVerdict.FINISHED:
+                return self.vad.decide(check, None, verdict)
         audio = self.buffer.slice(max(start, check.sample - self.turns.max_samples), check.sample)
-        return self.vad.decide(check, await self.turns.ask(audio), self.turns.text if check.text else None)
+        return self.vad.decide(check, await self.turns.ask(audio), verdict)
 
     async def _deliver_final(self, utterance: Utterance, future: asyncio.Future) -> None:
         try:

@@ -20,7 +20,6 @@ import numpy as np
 
 from host.asr import ComponentFailure, brief
 from host.contracts import SAMPLE_RATE, TurnDetector
-from host.turn_text import TextVerdict
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +121,7 @@ class TurnTaking:
         self.max_samples = max_audio_samples(batcher.detector)
         self.last: float | None = None
         """The last answer about the open utterance (None: not asked, or no answer)."""
-        self.text: TextVerdict | None = None
-        """How the open utterance's speculative decode read at its last text checkpoint (None: not read)."""
+
         self._failed = False
 
     def skip(self) -> None:

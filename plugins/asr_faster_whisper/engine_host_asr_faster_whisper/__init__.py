@@ -271,10 +271,10 @@ class WhisperVariant:
         decode = self.model.hf_tokenizer.decode
         for result in reversed(generated):
             tokens = list(result.sequences_ids[0])
-            words = [i for i, t in enumerate(tokens) if t < eot and any(c.isalnum() for c in decode([t]))]
-            if not words:
+            last = next((i for i in reversed(range(len(tokens)))
+                         if tokens[i] < eot and any(c.isalnum() for c in decode([tokens[i]]))), None)
+            if last is None:
                 continue
-            last = words[-1]
             steps = result.logits[0] if result.logits else []
             tail = decode([t for t in tokens[: last + 1] if t < eot]).strip()
             if len(steps) <= last + 1 or not text.rstrip(_CLOSING).endswith(tail[-min(len(tail), 20):]):
