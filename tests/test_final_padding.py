@@ -13,11 +13,16 @@ from host.offline import load_engine
 
 
 @pytest.fixture(scope="module")
-def accurate():
+def variants():
     loaded = load_engine("whisper-streaming", None)
     if isinstance(loaded, str):
         pytest.fail(loaded)
-    return loaded.asr.variants["accurate"]
+    return loaded.asr.variants
+
+
+@pytest.fixture(scope="module")
+def accurate(variants):
+    return variants["accurate"]
 
 
 def test_the_shipped_engine_pads_english_finals_only(accurate):
@@ -26,6 +31,11 @@ def test_the_shipped_engine_pads_english_finals_only(accurate):
     assert not accurate.pads("en", partial=True)  # partials stay as fast as they were
     assert not accurate.pads("de", partial=False)  # FLEURS streamed worse padded
     assert not dataclasses.replace(accurate, padding=(0.0, 0.0)).pads("en", partial=False)
+
+
+def test_greedy_base_pads_english_too(variants):
+    assert variants["multilingual"].pads("en", partial=False) and not variants["multilingual"].pads("pt", partial=False)
+    assert not variants["fast"].pads("en", partial=False)  # tiny.en loses with leading silence
 
 
 def test_word_times_are_the_utterances_own(accurate, speech_by_id):
