@@ -46,7 +46,8 @@ def test_word_times_are_the_utterances_own(accurate, speech_by_id):
     plain = dataclasses.replace(accurate, padding=(0.0, 0.0)).transcribe(x, language="en", word_timestamps=True)
     assert padded.words and plain.words
     assert all(0.0 <= w.start <= w.end <= seconds for w in padded.words)
-    # Without the shift back every word would sit 0.5 s late.
+    # Without the shift back every word would sit 0.5 s late. The bounds are positions in the audio
+    # (Whisper's word alignment of the same speech), not elapsed time: half the lead either way.
     assert padded.words[0].word.strip(" ,.").lower() == plain.words[0].word.strip(" ,.").lower() == "and"
     assert abs(padded.words[0].start - plain.words[0].start) < 0.25
     assert abs(padded.words[-1].end - plain.words[-1].end) < 0.25

@@ -263,8 +263,9 @@ class WhisperVariant:
                             word_timestamps=word_timestamps)
         settings.update(initial_prompt=prompt, hotwords=hotwords)
         seconds = len(audio) / SAMPLE_RATE
-        lead = self.padding[0] if self.pads(language, partial) else 0.0
-        if self.pads(language, partial):
+        padded = self.pads(language, partial)
+        lead = self.padding[0] if padded else 0.0
+        if padded:
             audio = np.concatenate([_silence(lead), audio.astype(np.float32, copy=False), _silence(self.padding[1])])
         _generated.want, _generated.results = sentence_end, []
         try:
