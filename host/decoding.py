@@ -202,9 +202,9 @@ class UtteranceDecoder:
 
     async def speculated(self, end: int, longest_s: float) -> AsrResult | None:
         """The speculative decode of the open utterance as it would end at ``end``, once it is back;
-        None when there is none (decodes were queued), the session is an upload, it has not started and no thread is free
-        for it (the caller's windows would wait with it: under load the text is not read), it
-        failed or was withdrawn, or it took longer than ``longest_s``."""
+        None when there is none (decodes were queued), the session is an upload, it has not started
+        and no thread is free for it (the caller's windows would wait with it: under load the text
+        is not read), it failed or was withdrawn, or it took longer than ``longest_s``."""
         spec = self._speculative
         if spec is None or spec.end != end or spec.utterance_id != self.open_utterance or self.bulk():
             return None  # an upload is not waited for: its audio would wait with it, and nobody waits for its turns

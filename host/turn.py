@@ -121,7 +121,6 @@ class TurnTaking:
         self.max_samples = max_audio_samples(batcher.detector)
         self.last: float | None = None
         """The last answer about the open utterance (None: not asked, or no answer)."""
-
         self._failed = False
 
     def skip(self) -> None:
