@@ -169,7 +169,7 @@ def start_worker(engines_dir: Path | None, max_sessions: int) -> tuple[subproces
 def session_params(args) -> dict[str, Any]:
     """The query parameters every measured session gets (besides ``endpointing``)."""
     params = dict(engine=args.engine, model=args.model, language=args.language,
-                  interim_results=False if args.no_partials else None)
+                  eagerness=args.eagerness, interim_results=False if args.no_partials else None)
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -321,7 +321,7 @@ def main(args) -> int:
         engine = fetch_engine(url, args.engine)
         report: dict[str, Any] = {
             "machine": machine(), "engine": engine["id"], "model": args.model or "default",
-            "language": args.language or "default",
+            "language": args.language or "default", "eagerness": args.eagerness or "default",
             "manifest": str(args.manifest), "utterances": len(items), "speed": args.speed, "chunk_s": args.chunk,
             "gap_s": args.gap, "stagger_s": args.stagger, "interim_results": not args.no_partials, "startup_seconds": round3(startup),
             "idle_rss_mib": mib(proc.memory_info().rss) if proc else None, "runs": [],
@@ -373,6 +373,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model")
     p.add_argument("--language", help="the sessions' language parameter: auto, a code, or candidates en,de,es "
                                       "(a manifest with a language column gets WER and detection per language)")
+    p.add_argument("--eagerness", choices=["low", "medium", "high", "auto"],
+                   help="the sessions' eagerness parameter (endpointing=turn): low waits longer before a final")
     p.add_argument("--no-partials", action="store_true", help="interim_results=false")
     p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the engine's model on the same utterances transcribed whole, offline")
