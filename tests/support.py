@@ -52,6 +52,18 @@ def speech_by_id(speech) -> dict[str, Utt]:
     return {u.id: u for u in speech}
 
 
+@pytest.fixture(scope="session")
+def default_engine():
+    """The default engine (engines.d/whisper-streaming.yaml) loaded in this process, as the offline
+    tools load it: its plugins' real models, called directly."""
+    from host.offline import load_engine
+
+    loaded = load_engine("whisper-streaming", ENGINES)
+    if isinstance(loaded, str):
+        pytest.fail(loaded)
+    return loaded
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,15 +11,11 @@ import pytest
 
 from engine_host_asr_faster_whisper import _encoded, _silence_after
 from host.client import read_wav
-from host.offline import load_engine
 
 
 @pytest.fixture(scope="module")
-def variants():
-    loaded = load_engine("whisper-streaming", None)
-    if isinstance(loaded, str):
-        pytest.fail(loaded)
-    return loaded.asr.variants
+def variants(default_engine):
+    return default_engine.asr.variants
 
 
 @pytest.fixture(scope="module")

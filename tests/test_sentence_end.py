@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from host.client import read_wav
-from host.offline import load_engine
 from host.turn_text import TextVerdict, read
 
 # A clip whose end the dev set's recording (bench/results/2026-12-07-turn-text-pauses-in-decode.json)
@@ -16,11 +15,8 @@ FINISHED = "1998-15444-0003"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    loaded = load_engine("whisper-streaming", None)
-    if isinstance(loaded, str):
-        pytest.fail(loaded)
-    return loaded
+def engine(default_engine):
+    return default_engine
 
 
 def audio(utt) -> np.ndarray:
