@@ -77,6 +77,7 @@ from host import adversary
 from host.bench_report import counter_fields, fetch_engine, machine, mib, percentile, round3, table, worker_counters
 from host.bench_stats import Reference, StreamStats, analyse, clip_spans, compare_policies, language_fields, speech_fields
 from host.client import Audio, StreamResult, concat, read_wav, session_url, silence, stream
+from host.endpointing_options import EAGERNESS
 from host.offline import offline_wer
 from host.speech_bounds import speech_bounds
 from host.wer import WerCounts
@@ -373,7 +374,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model")
     p.add_argument("--language", help="the sessions' language parameter: auto, a code, or candidates en,de,es "
                                       "(a manifest with a language column gets WER and detection per language)")
-    p.add_argument("--eagerness", choices=["low", "medium", "high", "auto"],
+    p.add_argument("--eagerness", choices=list(EAGERNESS),
                    help="the sessions' eagerness parameter (endpointing=turn): low waits longer before a final")
     p.add_argument("--no-partials", action="store_true", help="interim_results=false")
     p.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
